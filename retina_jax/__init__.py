@@ -1,0 +1,17 @@
+"""retina_jax: RetinaNet and the focal loss (Lin et al., 2017) in JAX/Flax.
+
+Glossary used in every docstring and shape comment:
+  B  images in a batch (the global batch inside jit)
+  H, W  canvas height and width in pixels (fixed per run, divisible by 128)
+  A  anchors of one image over all pyramid levels, in the order of anchors.py
+  K  object classes (80 for COCO); there is no background class
+  M  ground-truth boxes per image after padding (config data.max_boxes)
+  D  detections kept per image after post-processing (config postprocess.max_detections)
+
+Box convention inside the package: float32 absolute pixels, (x1, y1, x2, y2),
+continuous coordinates (a box from x1 to x2 has width x2 - x1, no +1).
+Conversions happen at the data boundary only (boxes.py). Padded ground truth has
+class -1 and box (0, 0, 0, 0).
+"""
+
+__version__ = "0.1.0"
