@@ -56,6 +56,7 @@ def get_config(arg=None):
   c.anchors.scales_per_octave = 3  # scales 2^(i/3), i = 0, 1, 2
   c.anchors.ratios = (0.5, 1.0, 2.0)  # height / width
   c.anchors.offset = 0.5  # cell centre; Detectron is ~0.5, detectron2 0.0
+  c.anchors.integer_sizes = False  # torchvision v1: sizes truncated to int, corners rounded to pixels
 
   # Network (sec. 4): ResNet-FPN, two subnets of 4 convs x 256.
   c.model = ml_collections.ConfigDict()
