@@ -1,0 +1,58 @@
+"""Checkpoints with orbax: save every N steps, keep the last few, resume the latest.
+
+A checkpoint holds the whole train state (step, params, batch_stats, optimizer
+state, running normalizer). The step also tells the input pipeline how many
+batches were consumed, so a resumed run sees the same data as one that never
+stopped (see train.py). The directory may be on shared storage (gs://...): in a
+multi-host run every process calls these functions and orbax coordinates the
+writes.
+"""
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def make_manager(workdir, keep):
+  """A CheckpointManager writing to <workdir>/checkpoints, keeping the last `keep` steps."""
+  if keep < 1:
+    raise ValueError(f'train.keep_checkpoints must be >= 1, got {keep}')
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+  return ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), options=options)
+
+
+def save(manager, step, state):
+  """Writes `state` as step `step` (asynchronously; `wait` or `close` before exiting)."""
+  manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
+
+
+def wait(manager):
+  """Blocks until pending asynchronous writes are on disk."""
+  manager.wait_until_finished()
+
+
+def latest_step(manager):
+  """The newest saved step, or None when the directory has no checkpoint."""
+  return manager.latest_step()
+
+
+def restore(manager, target, step=None):
+  """Reads a checkpoint into the structure, dtypes and shardings of `target`.
+
+  Args:
+    manager: from make_manager.
+    target: a train state (arrays or jax.ShapeDtypeStruct with shardings) to restore into.
+    step: the step to read; None or -1 for the latest.
+  Returns:
+    The restored state, or None when there is no checkpoint and step is None / -1.
+  """
+  if step is None or step < 0:
+    step = manager.latest_step()
+    if step is None:
+      return None
+  elif step not in manager.all_steps():
+    raise FileNotFoundError(
+        f'checkpoint step {step} not found in {manager.directory}; saved steps: {sorted(manager.all_steps())}')
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
