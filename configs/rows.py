@@ -1,0 +1,114 @@
+"""What the table configs share: the row argument and the CPU toy scale.
+
+A table file's `get_config(arg)` takes `row=<name>,dataset=coco|shapes,schedule=<x>`
+(every part optional, in any order):
+
+  row       one of the table's rows (its `sweep` lists them); default the paper's best.
+  dataset   'coco' (default): the paper's setting, on tfds coco/2017, at full scale.
+            'shapes': the CPU toy scale of `toy()` on the built-in synthetic set.
+  schedule  multiplies train.schedule (steps, warm-up and decays), default 1.
+
+  python -m retina_jax.main --workdir runs/1b/gamma_2 \
+      --config configs/table1b_gamma.py:row=gamma_2,dataset=shapes,schedule=0.5
+"""
+
+import dataclasses
+
+from configs import base
+from configs import shapes
+
+DATASETS = ('coco', 'shapes')
+# Depth in relative terms for the toy scale: the table's deeper network is the next
+# deeper ResNet after the toy backbone (Table 1e's 50 -> 101).
+DEEPER = {'resnet18': 'resnet34', 'resnet34': 'resnet50', 'resnet50': 'resnet101', 'resnet101': 'resnet152'}
+
+
+@dataclasses.dataclass(frozen=True)
+class Arg:
+  row: str
+  dataset: str
+  schedule: float
+
+
+def parse(arg, table, rows, default):
+  """Reads a table file's argument string.
+
+  Args:
+    arg: 'row=<name>,dataset=<coco|shapes>,schedule=<float>', any part omitted; or None.
+    table: the table's name, for error messages.
+    rows: the table's row names.
+    default: the row used when `arg` names none.
+  Returns:
+    An Arg.
+  Raises:
+    ValueError: naming the table and the bad part.
+  """
+  values = {'row': default, 'dataset': 'coco', 'schedule': '1'}
+  for part in (arg or '').split(','):
+    key, sep, value = part.strip().partition('=')
+    if not key and not sep:
+      continue
+    if not sep or key not in values:
+      raise ValueError(f'{table}: cannot read {part!r} in config argument {arg!r}; '
+                       'expected row=<name>,dataset=coco|shapes,schedule=<float>')
+    values[key] = value.strip()
+  if values['row'] not in rows:
+    raise ValueError(f'{table}: unknown row {values["row"]!r}; rows: {", ".join(rows)}')
+  if values['dataset'] not in DATASETS:
+    raise ValueError(f'{table}: dataset must be one of {DATASETS}, got {values["dataset"]!r}')
+  try:
+    schedule = float(values['schedule'])
+  except ValueError:
+    schedule = float('nan')
+  if not schedule > 0:
+    raise ValueError(f'{table}: schedule must be a positive number, got {values["schedule"]!r}')
+  return Arg(values['row'], values['dataset'], schedule)
+
+
+def start(arg, *, min_size=None, max_size=None, backbone='resnet50'):
+  """The config a row starts from: the paper's at the table's fixed settings, or the toy scale.
+
+  The fixed settings (scale, depth) apply to COCO only: at the toy scale the row keeps
+  the toy's model and canvas, and changes only what its table varies.
+
+  Args:
+    arg: from `parse`.
+    min_size, max_size: the table's image scale (shorter side, longer-side cap);
+      None keeps base's 800 / 1333.
+    backbone: the table's network.
+  """
+  if arg.dataset == 'coco':
+    c = base.get_config()
+    if min_size is not None:
+      resize(c, min_size, max_size)
+    c.model.backbone = backbone
+  else:
+    c = toy()
+  c.train.schedule *= arg.schedule
+  return c
+
+
+def toy():
+  """The CPU toy scale of every table row with dataset=shapes, in one place.
+
+  The small model, data and canvas are configs/shapes.py's (the CPU demo); the rows
+  are compared, not demoed, so they train on a shorter schedule: one row takes about
+  2 minutes on 2 CPU cores. The schedule keeps its shape (warm-up, decays) through
+  train.schedule.
+  """
+  c = shapes.get_config()
+  c.train.schedule = 0.25
+  c.train.checkpoint_every = 1000000  # only the final checkpoint (the runner reads it)
+  c.eval.visualize = 0
+  return c
+
+
+def resize(c, min_size, max_size):
+  """Sets the image scale and the smallest canvas (divisible by 128) that fits it.
+
+  Like configs/base.py's canvas for 800 / 1333, the canvas is (min_size, max_size)
+  rounded up to multiples of 128: the pyramid's coarsest level has stride 128.
+  """
+  c.data.min_size = int(min_size)
+  c.data.max_size = int(max_size)
+  c.data.canvas = (-(-int(min_size) // 128) * 128, -(-int(max_size) // 128) * 128)
