@@ -1,0 +1,163 @@
+"""A table's results file and plot: the paper's numbers beside ours.
+
+`write` takes plain data (one dict per row, see experiments/run_table.py's `collect`)
+so it runs on fake metrics in the tests as on real runs.
+"""
+
+import datetime
+import os
+
+import matplotlib
+
+matplotlib.use('Agg')  # files only; no display on servers and CI
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+METRICS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'time_ms')
+NOTES = '## Notes'
+
+
+def percent_metrics(raw):
+  """COCO metrics in percent, as the paper prints them, from an eval JSON's dict.
+
+  Args:
+    raw: the evaluation's dict; AP, AP50, AP75, APs, APm, APl as fractions in [0, 1]
+      (pycocotools' convention; -1 where COCO has no such object) at its top level.
+  Returns:
+    {metric: percent} for the metrics present.
+  """
+  return {k: 100.0 * float(raw[k]) if float(raw[k]) >= 0 else float('nan')
+          for k in METRICS[:-1] if k in raw}
+
+
+def spearman(a, b):
+  """Rank correlation of two equally long sequences (ties get their mean rank)."""
+  def ranks(x):
+    x = np.asarray(x, np.float64)
+    order = np.argsort(x, kind='stable')
+    r = np.empty(len(x))
+    r[order] = np.arange(len(x), dtype=np.float64)
+    for v in np.unique(x):
+      r[x == v] = r[x == v].mean()
+    return r
+  ra, rb = ranks(a), ranks(b)
+  if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
+    return float('nan')
+  return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _cell(paper, ours, key):
+  p = f'{paper[key]:.1f}' if key in paper else '-'
+  o = f'{ours[key]:.1f}' if ours and key in ours and np.isfinite(ours[key]) else '-'
+  return f'{p} / {o}'
+
+
+def markdown(name, module, dataset, results, command, plot_file, notes=''):
+  """The results file's text.
+
+  Args:
+    name: the table's name, e.g. 'table1b_gamma'.
+    module: the table's config module (its docstring's first line titles the file).
+    dataset: 'coco' or 'shapes'.
+    results: one dict per row: row, paper, ours (None when not run), step, config,
+      hardware, date, wall_s, failed.
+    command: the runner's command line.
+    plot_file: the plot's file name, beside the results file.
+    notes: the hand-written '## Notes' section to keep, or ''.
+  """
+  keys = [k for k in METRICS if any(k in r['paper'] for r in results)]
+  title = module.__doc__.strip().splitlines()[0]
+  done = [r for r in results if r['ours'] and np.isfinite(r['ours'].get('AP', np.nan))]
+  scale = ("the paper's settings (configs/base.py and the table file)" if dataset == 'coco' else
+           'the CPU toy scale of configs/rows.py `toy()` on the built-in synthetic set '
+           '(configs/shapes.py model and data, shortened schedule)')
+  lines = [
+      f'# {name} on {dataset}: {title}', '',
+      f'Written by experiments/run_table.py on {datetime.date.today().isoformat()}: `{command}`.',
+      f'Scale: {scale}. Each row ran as `python -m retina_jax.main --config '
+      f'configs/{name}.py:<config>`; its full config is the workdir\'s config.json.',
+      'Cells are paper / ours; the paper\'s numbers are COCO (minival for Table 1a-1d, test-dev '
+      'for 1e and 2), ours are on the eval split of the dataset above, so compare trends '
+      'across rows, not values.', '',
+      '| row | ' + ' | '.join(keys) + ' | config | steps | wall (s) | hardware | date |',
+      '|' + '---|' * (len(keys) + 6),
+  ]
+  for r in results:
+    status = 'failed' if r['failed'] else ('not run' if r['ours'] is None else '')
+    steps = r['step'] if r['step'] is not None else status
+    wall = f'{r["wall_s"]:.0f}' if r['wall_s'] is not None else ''
+    lines.append(f'| {r["row"]} | ' + ' | '.join(_cell(r['paper'], r['ours'], k) for k in keys) +
+                 f' | `{r["config"]}` | {steps} | {wall} | {r["hardware"]} | {r["date"]} |')
+  lines += ['', f'Computed trend check over the {len(done)} rows with results: ']
+  if len(done) >= 2:
+    paper_ap = [r['paper']['AP'] for r in done]
+    ours_ap = [r['ours']['AP'] for r in done]
+    lines[-1] += (f'best row by AP, paper: {done[int(np.argmax(paper_ap))]["row"]}, '
+                  f'ours: {done[int(np.argmax(ours_ap))]["row"]}; worst, paper: '
+                  f'{done[int(np.argmin(paper_ap))]["row"]}, ours: {done[int(np.argmin(ours_ap))]["row"]}; '
+                  f'Spearman rank correlation of AP across rows: {spearman(paper_ap, ours_ap):.2f}.')
+  else:
+    lines[-1] += 'too few rows to compare.'
+  lines += ['', f'![{name} trend]({plot_file})', '', NOTES, '', notes.strip() or
+            '(Where the trends agree with the paper and where not: written after the runs.)', '']
+  return '\n'.join(lines)
+
+
+def plot(name, module, results, path):
+  """AP across the table's rows (or, for Table 1e, AP against time per image) as a PNG."""
+  if name == 'table1e_speed':
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, who, unit in ((axes[0], 'paper', 'paper, ms on an M40'), (axes[1], 'ours', 'ours, ms on this device')):
+      for depth in (50, 101):
+        pts = [(r[who]['time_ms'], r[who]['AP'], module.DEPTH_SCALE[r['row']][1]) for r in results
+               if r[who] and 'time_ms' in r[who] and 'AP' in r[who] and module.DEPTH_SCALE[r['row']][0] == depth]
+        if pts:
+          t, ap, scale = zip(*pts)
+          ax.plot(t, ap, 'o-', label=f'depth {depth}')
+          for x, y, s in pts:
+            ax.annotate(str(s), (x, y), textcoords='offset points', xytext=(3, 3), fontsize=7)
+      ax.set_xlabel(f'time per image ({unit})')
+      ax.set_ylabel('AP')
+      ax.set_title(f'{name}: {who}')
+      ax.grid(alpha=0.3)
+      if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+  else:
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(results)), 4.2))
+    x = np.arange(len(results))
+    ax.plot(x, [r['paper']['AP'] for r in results], 'ko-', label='paper (COCO)')
+    ax.set_ylabel('AP, paper (COCO)')
+    ax.set_xticks(x, [r['row'] for r in results], rotation=30, ha='right')
+    ax.set_xlabel(module.X_LABEL)
+    ours = [r['ours']['AP'] if r['ours'] and 'AP' in r['ours'] else np.nan for r in results]
+    twin = ax.twinx()  # the toy scale's AP lives on another scale: compare shapes, not values
+    twin.plot(x, ours, 's--', color='C0', label='ours')
+    twin.set_ylabel('AP, ours', color='C0')
+    ax.set_title(f'{name}: AP per row')
+    ax.grid(alpha=0.3)
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc='lower center')
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write(name, module, dataset, results, results_dir, command):
+  """Writes <results_dir>/<name>_<dataset>.md and .png, keeping the file's hand-written notes.
+
+  Returns:
+    (markdown path, png path).
+  """
+  os.makedirs(results_dir, exist_ok=True)
+  md_path = os.path.join(results_dir, f'{name}_{dataset}.md')
+  png_path = os.path.join(results_dir, f'{name}_{dataset}.png')
+  notes = ''
+  if os.path.exists(md_path):
+    with open(md_path) as f:
+      old = f.read()
+    if NOTES in old:
+      notes = old.split(NOTES, 1)[1]
+  plot(name, module, results, png_path)
+  with open(md_path, 'w') as f:
+    f.write(markdown(name, module, dataset, results, command, os.path.basename(png_path), notes))
+  return md_path, png_path

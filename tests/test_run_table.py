@@ -1,0 +1,120 @@
+"""The table runner: dry run, row loop, metrics collection, results file and plot."""
+
+import json
+import os
+import shlex
+import sys
+
+import pytest
+
+from configs import table1b_gamma
+from configs import table1e_speed
+from experiments import report
+from experiments import run_table
+
+
+def test_dry_run_lists_every_row_of_every_table(capsys, tmp_path):
+  for name, module in run_table.TABLES.items():
+    run_table.main([f'configs/{name}.py', '--dataset', 'shapes', '--schedule', '0.5', '--dry-run',
+                    '--workdir-root', str(tmp_path)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    names = run_table.table_rows(module)
+    assert len(lines) == len(names), name
+    for row, line in zip(names, lines):
+      argv = shlex.split(line)
+      assert argv[1:3] == ['-m', 'retina_jax.main']
+      assert f'--config=configs/{name}.py:row={row},dataset=shapes,schedule=0.5' in argv
+      assert f'--workdir={tmp_path}/{name}_shapes/{row}' in argv
+      module.get_config(argv[3].split(':', 1)[1])  # the printed argument builds
+  assert not list(tmp_path.iterdir()), 'a dry run writes nothing'
+
+
+def test_rows_filter_and_bad_names(capsys):
+  run_table.main(['configs/table1c_anchors.py', '--rows', 'sc4_ar3,sc1_ar1', '--dry-run'])
+  out = capsys.readouterr().out
+  assert 'row=sc1_ar1,dataset=coco' in out.splitlines()[0] and len(out.splitlines()) == 2
+  with pytest.raises(SystemExit):
+    run_table.main(['configs/table1c_anchors.py', '--rows', 'sc9_ar9', '--dry-run'])
+  assert 'sc9_ar9' in capsys.readouterr().err
+  with pytest.raises(ValueError, match='configs/base.py: not a table config'):
+    run_table.main(['configs/base.py', '--dry-run'])
+
+
+def _fake_row(workdir, ap, step=100, time_ms=None):
+  os.makedirs(workdir, exist_ok=True)
+  metrics = {'AP': ap, 'AP50': ap + 0.2, 'AP75': ap - 0.05, 'APs': 0.1, 'APm': 0.2, 'APl': 0.3, 'step': step}
+  with open(os.path.join(workdir, f'eval_{step}.json'), 'w') as f:
+    json.dump(metrics, f)
+  record = {'hardware': 'fake', 'date': '2024-01-01', 'wall_s': 12.0, 'returncode': 0}
+  if time_ms is not None:
+    record['time_ms'] = time_ms
+  with open(os.path.join(workdir, 'run_table.json'), 'w') as f:
+    json.dump(record, f)
+
+
+def test_collect_reads_the_newest_eval_in_percent(tmp_path):
+  _fake_row(tmp_path / 'gamma_2', 0.30, step=50)
+  _fake_row(tmp_path / 'gamma_2', 0.45, step=200)
+  results = run_table.collect(table1b_gamma, ['gamma_2', 'gamma_5'], 'shapes', 1.0, str(tmp_path))
+  assert results[0]['step'] == 200 and results[0]['ours']['AP'] == pytest.approx(45.0)
+  assert results[0]['paper']['AP'] == 34.0 and results[0]['hardware'] == 'fake'
+  assert results[1]['ours'] is None and not results[1]['failed']
+
+
+def test_results_file_and_plot_from_fake_metrics_keep_notes(tmp_path):
+  names = run_table.table_rows(table1b_gamma)
+  for i, row in enumerate(names[:-1]):  # the last row is left "not run"
+    _fake_row(tmp_path / 'runs' / row, 0.3 + 0.01 * i)
+  results = run_table.collect(table1b_gamma, names, 'shapes', 1.0, str(tmp_path / 'runs'))
+  out = tmp_path / 'results'
+  md, png = report.write('table1b_gamma', table1b_gamma, 'shapes', results, str(out), 'cmd --x')
+  text = open(md).read()
+  for row in names:
+    assert f'| {row} |' in text
+  assert '| gamma_2 | 34.0 / 35.0 | 52.5 / 55.0 | 36.5 / 30.0 | `row=gamma_2,dataset=shapes,schedule=1` | 100 |' in text
+  assert 'not run' in text and 'cmd --x' in text and 'Spearman' in text
+  assert 'best row by AP, paper: gamma_2, ours: gamma_2' in text
+  assert open(png, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+  with open(md, 'a') as f:
+    f.write('\nThe toy trend agrees with the paper.\n')
+  report.write('table1b_gamma', table1b_gamma, 'shapes', results, str(out), 'cmd --x')
+  assert open(md).read().count('The toy trend agrees with the paper.') == 1
+
+
+def test_table1e_plot_uses_time_per_image(tmp_path):
+  names = run_table.table_rows(table1e_speed)
+  for i, row in enumerate(names):
+    _fake_row(tmp_path / row, 0.2 + 0.01 * i, time_ms=5.0 + i)
+  results = run_table.collect(table1e_speed, names, 'shapes', 1.0, str(tmp_path))
+  md, png = report.write('table1e_speed', table1e_speed, 'shapes', results, str(tmp_path), 'cmd')
+  text = open(md).read()
+  assert '| r101_800 | 37.8 / 29.0 |' in text and '198.0 / 14.0' in text
+  assert os.path.getsize(png) > 1000
+
+
+def test_spearman():
+  assert report.spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+  assert report.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+  assert report.spearman([1, 1, 2, 2], [1, 1, 2, 2]) == pytest.approx(1.0)
+
+
+def test_runner_trains_rows_in_turn_skips_done_ones_and_reports_failures(tmp_path, monkeypatch, capsys):
+  # Each row's "training" writes an evaluation, except the failing row.
+  script = ('import json, os, sys; w = sys.argv[1]; row = sys.argv[2]\n'
+            'if row == "gamma_5": sys.exit(3)\n'
+            'json.dump({"AP": 0.5, "AP50": 0.7, "AP75": 0.4}, open(os.path.join(w, "eval_10.json"), "w"))')
+  calls = []
+
+  def fake_command(config_path, row, dataset, schedule, workdir):
+    calls.append(row)
+    return [sys.executable, '-c', script, workdir, row]
+
+  monkeypatch.setattr(run_table, 'row_command', fake_command)
+  args = ['configs/table1b_gamma.py', '--dataset', 'shapes', '--rows', 'gamma_1,gamma_2,gamma_5',
+          '--workdir-root', str(tmp_path / 'runs'), '--results-dir', str(tmp_path / 'results')]
+  _fake_row(tmp_path / 'runs' / 'table1b_gamma_shapes' / 'gamma_1', 0.4)
+  assert run_table.main(args) == 1  # gamma_5 failed
+  assert calls == ['gamma_2', 'gamma_5']
+  assert 'gamma_1: already evaluated' in capsys.readouterr().out
+  text = (tmp_path / 'results' / 'table1b_gamma_shapes.md').read_text()
+  assert '| gamma_2 | 34.0 / 50.0 |' in text and '| gamma_5 |' in text and 'failed' in text
