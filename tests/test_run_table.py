@@ -118,3 +118,26 @@ def test_runner_trains_rows_in_turn_skips_done_ones_and_reports_failures(tmp_pat
   assert 'gamma_1: already evaluated' in capsys.readouterr().out
   text = (tmp_path / 'results' / 'table1b_gamma_shapes.md').read_text()
   assert '| gamma_2 | 34.0 / 50.0 |' in text and '| gamma_5 |' in text and 'failed' in text
+
+
+def test_figure4_samples_and_cumulative_share(tmp_path):
+  import numpy as np
+  from experiments import figure4
+  logits = np.array([[[2.0, -1.0], [0.0, 3.0], [-4.0, -2.0]]], np.float32)  # [1, 3, 2]
+  classes = np.array([[0, -1, -1]], np.int32)
+  labels = np.array([[1, -1, 0]], np.int32)  # positive, ignored, negative
+  loss, positive, negative = map(np.asarray, figure4.sample_losses(logits, classes, labels, (0.0, 2.0)))
+  assert loss.shape == (2, 1, 3, 2)
+  np.testing.assert_array_equal(positive[0], [[True, False], [False, False], [False, False]])
+  np.testing.assert_array_equal(negative[0], [[False, False], [False, False], [True, True]])
+  ce_pos = np.log1p(np.exp(-2.0))  # -log(sigmoid(2))
+  np.testing.assert_allclose(loss[0][positive], [ce_pos], rtol=1e-5)
+  p = 1 / (1 + np.exp(-2.0))
+  np.testing.assert_allclose(loss[1][positive], [(1 - p) ** 2 * ce_pos], rtol=1e-5)
+  fraction, share = figure4.cumulative_share([3.0, 1.0, 0.0, 4.0])
+  np.testing.assert_allclose(fraction, [0.25, 0.5, 0.75, 1.0])
+  np.testing.assert_allclose(share, [0.0, 0.125, 0.5, 1.0])
+  curves = {(k, g): figure4.cumulative_share(np.random.default_rng(0).exponential(size=100) ** (1 + g))
+            for k in ('positive', 'negative') for g in figure4.GAMMAS}
+  figure4.plot(curves, {'positive': 100, 'negative': 100}, str(tmp_path / 'f4.png'), 'fake')
+  assert (tmp_path / 'f4.png').read_bytes()[:4] == b'\x89PNG'
