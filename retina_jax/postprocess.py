@@ -1,0 +1,141 @@
+"""Detections from head outputs: per-level top-k, decoding, class-wise NMS.
+
+Inference as in the paper (sec. 4): per pyramid level keep the `topk_per_level`
+best (anchor, class) pairs whose score exceeds `score_thresh`, decode their
+boxes, merge the levels, apply class-wise NMS and keep the best
+`max_detections` per image. Everything has fixed shapes and runs inside jit on
+any device; below-threshold pairs are masked, not removed.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from retina_jax import box_coder
+from retina_jax import boxes as box_ops
+
+
+def nms(boxes, scores, iou_thresh, max_out, classes=None):
+  """Greedy non-maximum suppression for one image, with fixed output shapes.
+
+  Repeatedly takes the highest-scoring live box and suppresses the live boxes
+  overlapping it by IoU > iou_thresh. Each step costs one row of IoUs, O(N),
+  and the loop stops after `max_out` boxes or when no box is left, so the work
+  is O(max_out * N) with O(N) memory: no [N, N] IoU matrix, which for N ~ 5000
+  boxes and a batch of images would not fit comfortably. The kept boxes come
+  out in decreasing score order, exactly the first `max_out` boxes that plain
+  greedy NMS keeps. vmap it for a batch.
+
+  Args:
+    boxes: [N, 4] (x1, y1, x2, y2), N >= 1.
+    scores: [N] float; -inf (or NaN) marks a box that is not a candidate.
+    iou_thresh: python float; a box is suppressed when its IoU is above it.
+    max_out: python int, the number of output slots.
+    classes: optional [N] int; when given, only boxes of the same class
+      suppress each other (class-wise NMS without offsetting coordinates,
+      which would cost float32 precision on large offsets).
+  Returns:
+    indices: [max_out] int32 into N, in decreasing score order (0 where invalid).
+    valid: [max_out] bool, True for the kept boxes (a prefix of the slots).
+  """
+  boxes = jnp.asarray(boxes, jnp.float32)
+  scores = jnp.asarray(scores, jnp.float32)
+  if boxes.ndim != 2 or boxes.shape[-1] != 4 or scores.shape != boxes.shape[:1]:
+    raise ValueError(f'nms: boxes must be [N, 4] and scores [N], got {boxes.shape} and {scores.shape}')
+  if boxes.shape[0] == 0:
+    raise ValueError('nms: needs at least one box (N >= 1); mask unwanted boxes with score -inf')
+  live = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
+
+  def alive(state):
+    i, live, _, _ = state
+    return (i < max_out) & (jnp.max(live) > -jnp.inf)
+
+  def keep_best(state):
+    i, live, indices, valid = state
+    j = jnp.argmax(live)
+    overlap = box_ops.pairwise_iou(boxes[j][None], boxes)[0] > iou_thresh  # [N]
+    if classes is not None:
+      overlap &= classes == classes[j]
+    live = jnp.where(overlap, -jnp.inf, live).at[j].set(-jnp.inf)
+    return i + 1, live, indices.at[i].set(j.astype(jnp.int32)), valid.at[i].set(True)
+
+  init = (jnp.int32(0), live, jnp.zeros((max_out,), jnp.int32), jnp.zeros((max_out,), bool))
+  _, _, indices, valid = jax.lax.while_loop(alive, keep_best, init)
+  return indices, valid
+
+
+def _level_candidates(logits, deltas, anchors, start, count, topk, score_thresh, weights, clamp):
+  """Top-k (anchor, class) pairs of one level, decoded.
+
+  Args:
+    logits: [B, A, K] float32.
+    deltas: [B, A, 4] float32.
+    anchors: [A, 4] float32.
+    start, count: python ints, the level's slice of A.
+  Returns:
+    boxes [B, k, 4], scores [B, k] (-inf below threshold), classes [B, k] int32,
+    with k = min(topk, count * K).
+  """
+  b, _, k = logits.shape
+  flat = logits[:, start:start + count].reshape(b, count * k)  # [B, count * K]
+  # Top-k on logits: sigmoid is monotonic, so only the k winners need it.
+  top, index = jax.lax.top_k(flat, min(topk, count * k))  # [B, k]
+  anchor_index = start + index // k
+  scores = jax.nn.sigmoid(top)
+  scores = jnp.where(scores > score_thresh, scores, -jnp.inf)
+  level_deltas = jnp.take_along_axis(deltas, anchor_index[..., None], axis=1)  # [B, k, 4]
+  decoded = box_coder.decode(level_deltas, anchors[anchor_index], weights, clamp)
+  return decoded, scores, (index % k).astype(jnp.int32)
+
+
+def postprocess(logits, deltas, anchors, level_counts, image_hw, *, score_thresh=0.05,
+                topk_per_level=1000, nms_iou=0.5, max_detections=100,
+                weights=(1.0, 1.0, 1.0, 1.0), clamp=math.log(1000.0 / 16)):
+  """Detections per image from the flattened head outputs.
+
+  Boxes are clipped to each image's valid area before NMS; a box left with zero
+  area by clipping (an anchor over the padding predicting outside the image)
+  is dropped, as it can only be a false positive.
+
+  Args:
+    logits: [B, A, K] class logits (any float dtype; computed in float32).
+    deltas: [B, A, 4] box offsets.
+    anchors: [A, 4] anchors in the order of anchors.py.
+    level_counts: python ints, anchors per level in order (anchors.level_counts).
+    image_hw: [B, 2] valid (height, width) of each image on the canvas.
+    score_thresh, topk_per_level, nms_iou, max_detections: config.postprocess.
+    weights, clamp: config.box_coder.
+  Returns:
+    dict with boxes [B, D, 4] float32 canvas pixels, scores [B, D] float32,
+    classes [B, D] int32, valid [B, D] bool (D = max_detections), best first.
+    Invalid rows have box 0, score 0 and class -1.
+  """
+  logits = jnp.asarray(logits, jnp.float32)
+  deltas = jnp.asarray(deltas, jnp.float32)
+  anchors = jnp.asarray(anchors, jnp.float32)
+  level_counts = tuple(int(n) for n in level_counts)
+  if sum(level_counts) != logits.shape[1] or anchors.shape[0] != logits.shape[1]:
+    raise ValueError(f'postprocess: level_counts {level_counts} (sum {sum(level_counts)}), anchors '
+                     f'{anchors.shape} and logits {logits.shape} disagree on the number of anchors')
+  parts, start = [], 0
+  for count in level_counts:
+    parts.append(_level_candidates(logits, deltas, anchors, start, count, topk_per_level,
+                                   score_thresh, weights, clamp))
+    start += count
+  boxes, scores, classes = (jnp.concatenate(p, axis=1) for p in zip(*parts))  # [B, N, ...]
+  image_hw = jnp.asarray(image_hw, jnp.float32)
+  boxes = box_ops.clip(boxes, image_hw[:, :1], image_hw[:, 1:])
+  scores = jnp.where(box_ops.area(boxes) > 0, scores, -jnp.inf)
+
+  def one_image(b, s, c):
+    return nms(b, s, nms_iou, max_detections, classes=c)
+
+  keep, valid = jax.vmap(one_image)(boxes, scores, classes)  # [B, D]
+  take = lambda x: jnp.take_along_axis(x, keep, axis=1)
+  return dict(
+      boxes=jnp.where(valid[..., None], jnp.take_along_axis(boxes, keep[..., None], axis=1), 0.0),
+      scores=jnp.where(valid, take(scores), 0.0),
+      classes=jnp.where(valid, take(classes), -1),
+      valid=valid,
+  )
