@@ -39,9 +39,9 @@ def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
   z = jnp.asarray(logits).astype(jnp.float32)
   y = jnp.asarray(targets).astype(jnp.float32)
   log_p = jax.nn.log_sigmoid(z)
-  log_not_p = jax.nn.log_sigmoid(-z)
-  ce = -(y * log_p + (1.0 - y) * log_not_p)
-  log_not_pt = y * log_not_p + (1.0 - y) * log_p  # log(1 - p_t)
+  # log(1 - p) = log_p - z exactly, one transcendental less over [B, A, K].
+  ce = (1.0 - y) * z - log_p  # -(y log p + (1 - y) log(1 - p))
+  log_not_pt = log_p - y * z  # log(1 - p_t) for binary y
   loss = ce * jnp.exp(gamma * log_not_pt)
   if alpha is not None and alpha >= 0:
     loss = (y * alpha + (1.0 - y) * (1.0 - alpha)) * loss

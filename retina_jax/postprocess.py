@@ -78,10 +78,16 @@ def _level_candidates(logits, deltas, anchors, start, count, topk, score_thresh,
     with k = min(topk, count * K).
   """
   b, _, k = logits.shape
-  flat = logits[:, start:start + count].reshape(b, count * k)  # [B, count * K]
-  # Top-k on logits: sigmoid is monotonic, so only the k winners need it.
-  top, index = jax.lax.top_k(flat, min(topk, count * k))  # [B, k]
-  anchor_index = start + index // k
+  level = logits[:, start:start + count]  # [B, count, K]
+  topk = min(topk, count * k)
+  # The best `topk` pairs lie within the `topk` anchors of highest best-class
+  # logit (any other anchor is beaten by `topk` pairs, one per such anchor), so
+  # two small top-ks give the same result as one over count * K pairs.
+  _, anchor_index = jax.lax.top_k(jnp.max(level, axis=-1), min(topk, count))  # [B, k']
+  pairs = jnp.take_along_axis(level, anchor_index[..., None], axis=1).reshape(b, -1)  # [B, k' * K]
+  # Top-k on logits: sigmoid is monotonic, so only the winners need it.
+  top, index = jax.lax.top_k(pairs, topk)  # [B, k]
+  anchor_index = start + jnp.take_along_axis(anchor_index, index // k, axis=1)
   scores = jax.nn.sigmoid(top)
   scores = jnp.where(scores > score_thresh, scores, -jnp.inf)
   level_deltas = jnp.take_along_axis(deltas, anchor_index[..., None], axis=1)  # [B, k, 4]

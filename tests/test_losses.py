@@ -9,7 +9,9 @@ import optax
 import pytest
 
 from configs import base
+from retina_jax import anchors as anchors_lib
 from retina_jax import losses
+from retina_jax import matching
 
 
 def _logit(p):
@@ -145,6 +147,28 @@ def test_image_without_boxes_has_zero_box_loss():
     np.testing.assert_allclose(out['cls_loss'], expected, rtol=1e-6)
 
 
+def test_with_assign_targets():
+  anchors = anchors_lib.generate((128, 128), (3, 4), (32.0, 64.0), 2, (0.5, 1.0, 2.0), 0.5)
+  gt_boxes = jnp.array([[[20.0, 30.0, 70.0, 66.0], [0.0, 0.0, 0.0, 0.0]], [[0.0] * 4] * 2])
+  gt_classes = jnp.array([[2, -1], [-1, -1]], jnp.int32)  # image 1 has no boxes
+  targets = matching.assign(anchors, gt_boxes, gt_classes)
+  positive = np.asarray(targets['labels']) == 1
+  assert positive[0].any() and not positive[1].any()
+  rng = np.random.default_rng(6)
+  logits = jnp.asarray(rng.normal(size=(2, anchors.shape[0], 4)), jnp.float32)
+  # Perfect regression on the positives, noise elsewhere.
+  deltas = jnp.where(positive[..., None], targets['box_targets'], rng.normal(size=(2, anchors.shape[0], 4)))
+  run = jax.jit(lambda o, t, box: losses.retinanet_loss(o, t, anchors, _loss_config(box=box)),
+                static_argnums=2)
+  for box in ('smooth_l1', 'giou'):
+    out = run(dict(logits=logits, deltas=deltas), targets, box)
+    np.testing.assert_allclose(out['box_loss'], 0.0, atol=1e-5)
+    assert float(out['num_pos']) == positive.sum()
+    no_boxes = jax.tree.map(lambda x: x[1:], targets)
+    out = run(dict(logits=logits[1:], deltas=deltas[1:] + 3.0), no_boxes, box)
+    assert float(out['box_loss']) == 0.0 and float(out['num_pos']) == 0.0
+
+
 def test_normalizer():
   rng = np.random.default_rng(2)
   outputs, targets, anchors = _random_case(rng)
@@ -167,8 +191,8 @@ def test_ignored_anchors_contribute_nothing():
   ignored = np.asarray(targets['labels']) == -1
   assert ignored.any()
   config = _loss_config(box='giou')
-  loss_fn = lambda o: losses.retinanet_loss(o, targets, anchors, config)['loss']
-  value, grads = jax.value_and_grad(loss_fn)(outputs)
+  loss_fn = jax.jit(lambda o: losses.retinanet_loss(o, targets, anchors, config)['loss'])
+  value, grads = jax.jit(jax.value_and_grad(loss_fn))(outputs)
   moved = dict(outputs, logits=jnp.where(ignored[..., None], 50.0, outputs['logits']))
   np.testing.assert_allclose(loss_fn(moved), value, rtol=1e-6)
   assert np.all(np.asarray(grads['logits'])[ignored] == 0.0)
@@ -221,7 +245,7 @@ def test_ohem_selects_hardest_survivors(neg_pos, expected):
   # Loss averaged over the chosen anchors; gradient only through them.
   config = _loss_config(cls='ohem', ohem_batch=3, ohem_nms=0.7, ohem_neg_pos=neg_pos)
   loss_fn = lambda o: losses.retinanet_loss(o, targets, anchors, config)['cls_loss']
-  value, grads = jax.value_and_grad(loss_fn)(outputs)
+  value, grads = jax.jit(jax.value_and_grad(loss_fn))(outputs)
   np.testing.assert_allclose(value, np.mean(np.asarray(ce[0])[expected]), rtol=1e-6)
   assert np.flatnonzero(np.asarray(grads['logits'][0, :, 0])).tolist() == expected
 
@@ -229,7 +253,7 @@ def test_ohem_selects_hardest_survivors(neg_pos, expected):
 def test_ohem_without_nms_suppression_takes_next_anchor():
   outputs, targets, anchors = _ohem_case()
   config = _loss_config(cls='ohem', ohem_batch=3, ohem_nms=0.9, ohem_neg_pos=0.0)
-  grads = jax.grad(lambda o: losses.retinanet_loss(o, targets, anchors, config)['cls_loss'])(outputs)
+  grads = jax.jit(jax.grad(lambda o: losses.retinanet_loss(o, targets, anchors, config)['cls_loss']))(outputs)
   assert np.flatnonzero(np.asarray(grads['logits'][0, :, 0])).tolist() == [0, 1, 2]
 
 

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from retina_jax import anchors as anchors_lib
+from retina_jax import box_coder
 from retina_jax import postprocess
 
 
@@ -119,6 +121,49 @@ def test_postprocess_top_k_threshold_and_clipping():
   # max_detections truncates to the best.
   out = _run(logits, deltas, image_hw, max_detections=2)
   assert np.asarray(out['classes'][0]).tolist() == [1, 2]
+
+
+def numpy_postprocess(logits, deltas, anchors, counts, image_hw, score_thresh, topk, nms_iou, max_det):
+  """The paper's inference written plainly, one image and one level at a time."""
+  results = []
+  for i in range(logits.shape[0]):
+    boxes, scores, classes, start = [], [], [], 0
+    for n in counts:
+      flat = logits[i, start:start + n].reshape(-1)
+      order = np.argsort(-flat, kind='stable')[:topk]
+      order = order[1 / (1 + np.exp(-flat[order].astype(np.float64))) > score_thresh]
+      level_boxes = np.array(box_coder.decode(deltas[i, start + order // logits.shape[2]],
+                                              anchors[start + order // logits.shape[2]]))
+      level_boxes[:, 0::2] = np.clip(level_boxes[:, 0::2], 0, image_hw[i, 1])
+      level_boxes[:, 1::2] = np.clip(level_boxes[:, 1::2], 0, image_hw[i, 0])
+      nonempty = (level_boxes[:, 2] > level_boxes[:, 0]) & (level_boxes[:, 3] > level_boxes[:, 1])
+      boxes.append(level_boxes[nonempty])
+      scores.append(1 / (1 + np.exp(-flat[order][nonempty].astype(np.float64))))
+      classes.append(order[nonempty] % logits.shape[2])
+      start += n
+    boxes, scores, classes = (np.concatenate(x) for x in (boxes, scores, classes))
+    keep = numpy_nms(boxes, scores, nms_iou, classes)[:max_det]
+    results.append((boxes[keep], scores[keep], classes[keep]))
+  return results
+
+
+def test_postprocess_matches_numpy_reference():
+  anchors = anchors_lib.generate((128, 128), (3, 4), (32.0, 64.0), 1, (0.5, 1.0), 0.5)
+  counts = anchors_lib.level_counts((128, 128), (3, 4), 2)
+  rng = np.random.default_rng(7)
+  logits = rng.normal(scale=2.0, size=(2, anchors.shape[0], 4)).astype(np.float32)
+  deltas = rng.normal(scale=0.3, size=(2, anchors.shape[0], 4)).astype(np.float32)
+  image_hw = np.array([[100, 128], [128, 90]], np.float32)
+  settings = dict(score_thresh=0.3, topk_per_level=40, nms_iou=0.5, max_detections=25)
+  out = jax.jit(functools.partial(postprocess.postprocess, anchors=anchors, level_counts=counts,
+                                  **settings))(logits, deltas, image_hw=image_hw)
+  expected = numpy_postprocess(logits, deltas, anchors, counts, image_hw, *settings.values())
+  for i, (boxes, scores, classes) in enumerate(expected):
+    n = len(scores)
+    assert 0 < n and np.asarray(out['valid'][i]).sum() == n
+    assert np.asarray(out['classes'][i, :n]).tolist() == classes.tolist()
+    np.testing.assert_allclose(out['scores'][i, :n], scores, rtol=1e-5)
+    np.testing.assert_allclose(out['boxes'][i, :n], boxes, atol=1e-3)
 
 
 def test_postprocess_does_not_recompile_for_new_values():
