@@ -1,0 +1,122 @@
+"""coco/2017 specifics: labels <-> category ids, decoding, pycocotools ground truth.
+
+tfds coco/2017 numbers the 80 categories 0..79 in the order of their COCO ids
+(1..90 with gaps), so label l is CATEGORY_IDS[l]. The synthetic 'retina_shapes'
+set has the same features; its category ids are simply label + 1.
+"""
+
+import numpy as np
+from pycocotools import coco as pycoco
+import tensorflow as tf
+
+from retina_jax import boxes as box_lib
+
+CATEGORY_IDS = (
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21,
+    22, 23, 24, 25, 27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44,
+    46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65,
+    67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90)
+
+CLASS_NAMES = (
+    'person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train', 'truck', 'boat',
+    'traffic light', 'fire hydrant', 'stop sign', 'parking meter', 'bench', 'bird', 'cat',
+    'dog', 'horse', 'sheep', 'cow', 'elephant', 'bear', 'zebra', 'giraffe', 'backpack',
+    'umbrella', 'handbag', 'tie', 'suitcase', 'frisbee', 'skis', 'snowboard', 'sports ball',
+    'kite', 'baseball bat', 'baseball glove', 'skateboard', 'surfboard', 'tennis racket',
+    'bottle', 'wine glass', 'cup', 'fork', 'knife', 'spoon', 'bowl', 'banana', 'apple',
+    'sandwich', 'orange', 'broccoli', 'carrot', 'hot dog', 'pizza', 'donut', 'cake', 'chair',
+    'couch', 'potted plant', 'bed', 'dining table', 'toilet', 'tv', 'laptop', 'mouse',
+    'remote', 'keyboard', 'cell phone', 'microwave', 'oven', 'toaster', 'sink',
+    'refrigerator', 'book', 'clock', 'vase', 'scissors', 'teddy bear', 'hair drier',
+    'toothbrush')
+
+
+def to_category_ids(labels, category_ids=CATEGORY_IDS):
+  """Contiguous labels [...] int -> COCO category ids [...] int64."""
+  labels = np.asarray(labels)
+  if labels.size and (labels.min() < 0 or labels.max() >= len(category_ids)):
+    raise ValueError(f'labels must be in [0, {len(category_ids)}), got {labels.min()}..{labels.max()}')
+  return np.asarray(category_ids, np.int64)[labels]
+
+
+def to_labels(ids, category_ids=CATEGORY_IDS):
+  """COCO category ids [...] int -> contiguous labels [...] int32."""
+  ids = np.asarray(ids)
+  table = np.asarray(category_ids)
+  labels = np.searchsorted(table, ids)
+  found = (labels < len(table)) & (table[np.minimum(labels, len(table) - 1)] == ids)
+  if not np.all(found):
+    raise ValueError(f'unknown COCO category ids {np.unique(ids[~found]).tolist()}')
+  return labels.astype(np.int32)
+
+
+def decode(example):
+  """Decodes one coco/2017-structured tfds example read with SkipDecoding.
+
+  Fails (a tf error, which the pipeline counts and skips) when the image bytes
+  do not decode. Object fields are cut to their shortest length, since mocked
+  or hand-built examples can disagree.
+
+  Args:
+    example: dict with 'image' (encoded bytes), 'image/id', and 'objects' with
+      'bbox' [N, 4] tfds normalized (ymin, xmin, ymax, xmax), 'label' [N],
+      'is_crowd' [N], 'area' [N].
+  Returns:
+    dict: image [h, w, 3] uint8, boxes [N, 4] float32 (x1, y1, x2, y2) pixels
+    of the original image, classes [N] int32, is_crowd [N] bool, area [N]
+    float32, image_id int64 scalar.
+  """
+  image = tf.io.decode_image(example['image'], channels=3, expand_animations=False)
+  hw = tf.cast(tf.shape(image)[:2], tf.float32)
+  objects = example['objects']
+  keys = ('bbox', 'label', 'is_crowd', 'area')
+  n = tf.reduce_min(tf.stack([tf.shape(objects[k])[0] for k in keys]))
+  bbox = tf.cast(objects['bbox'][:n], tf.float32)
+  # The tf twin of boxes.from_tfds: normalized yxyx -> absolute xyxy.
+  boxes = tf.stack([bbox[:, 1] * hw[1], bbox[:, 0] * hw[0], bbox[:, 3] * hw[1], bbox[:, 2] * hw[0]], axis=1)
+  return {
+      'image': image,
+      'boxes': boxes,
+      'classes': tf.cast(objects['label'][:n], tf.int32),
+      'is_crowd': tf.cast(objects['is_crowd'][:n], tf.bool),
+      'area': tf.cast(objects['area'][:n], tf.float32),
+      'image_id': tf.cast(example['image/id'], tf.int64),
+  }
+
+
+def ground_truth(records, category_ids, class_names):
+  """A pycocotools COCO object from decoded eval examples.
+
+  Args:
+    records: iterable of dicts with image_id, height, width (original pixels),
+      boxes [N, 4] (x1, y1, x2, y2) original pixels (degenerate ones already
+      dropped), classes [N] labels, is_crowd [N], area [N] (<= 0: box area).
+    category_ids: COCO id of each label.
+    class_names: name of each label.
+  Returns:
+    pycocotools.coco.COCO with images, annotations (bbox in COCO xywh,
+    area, iscrowd, category_id, id from 1) and categories.
+  """
+  images, annotations = [], []
+  for r in records:
+    image_id = int(r['image_id'])
+    images.append({'id': image_id, 'height': int(r['height']), 'width': int(r['width']),
+                   'file_name': f'{image_id}.jpg'})
+    boxes = np.asarray(r['boxes'], np.float64).reshape(-1, 4)
+    area = np.where(np.asarray(r['area']) > 0, r['area'], box_lib.area(boxes))
+    ids = to_category_ids(r['classes'], category_ids)
+    for xywh, a, cid, crowd in zip(box_lib.to_coco(boxes), area, ids, r['is_crowd']):
+      annotations.append({
+          'id': len(annotations) + 1, 'image_id': image_id, 'category_id': int(cid),
+          'bbox': [float(v) for v in xywh], 'area': float(a), 'iscrowd': int(bool(crowd))})
+  return from_dict({
+      'images': images, 'annotations': annotations,
+      'categories': [{'id': int(c), 'name': n} for c, n in zip(category_ids, class_names)]})
+
+
+def from_dict(dataset):
+  """pycocotools COCO from an in-memory dataset dict (no file, no printing)."""
+  gt = pycoco.COCO()
+  gt.dataset = dataset
+  gt.createIndex()
+  return gt

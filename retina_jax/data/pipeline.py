@@ -1,0 +1,331 @@
+"""tf.data input pipelines: batches of numpy arrays for training and evaluation.
+
+COCO (tfds coco/2017) and the synthetic 'retina_shapes' set run through the
+same code; config.data.dataset only picks the tfds builder. Per example:
+
+  read with SkipDecoding -> decode (an undecodable image is skipped)
+  -> clip boxes, drop degenerate ones, drop crowd boxes (they are no targets)
+  -> train only: random horizontal flip, scale jitter
+  -> resize: shorter side min_size, longer side at most max_size, shrunk
+     further when needed so the image fits the canvas (never cropped)
+  -> normalize (x - mean) / std -> pad image to the canvas, boxes to M.
+
+Multi-host: each process reads its own slice (tfds.even_splits), so slices
+are disjoint and cover the split. Everything random is seeded by config.seed,
+the process index and the example's position in the stream: the same config
+gives the same batches.
+
+Data statistics: pass a `DataStats` to `train_iterator` / `eval_iterator`;
+the iterator adds to it as it yields batches (images delivered, images skipped
+as undecodable, images without boxes, boxes dropped as degenerate or crowd,
+boxes cut beyond max_boxes). The training loop logs `stats.as_dict()`.
+"""
+
+import collections
+import dataclasses
+import math
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from retina_jax.data import augment
+from retina_jax.data import coco
+from retina_jax.data import shapes
+
+# JAX owns the accelerators; tf only reads data on the host.
+try:
+  tf.config.set_visible_devices([], 'GPU')
+except RuntimeError:  # tf already initialised its devices; nothing to hide then
+  pass
+
+DatasetInfo = collections.namedtuple('DatasetInfo', ['num_classes', 'class_names', 'category_ids'])
+
+_TRAIN_KEYS = ('image', 'boxes', 'classes')
+_STAT_KEYS = ('num_degenerate', 'num_crowd', 'num_truncated')
+
+
+@dataclasses.dataclass
+class DataStats:
+  """What the pipeline dropped or changed so far (counts, cumulative)."""
+  images: int = 0  # examples delivered (eval padding not included)
+  skipped_images: int = 0  # undecodable, left out
+  empty_images: int = 0  # delivered without any box (all anchors negative)
+  degenerate_boxes: int = 0  # zero or negative size after clipping to the image
+  crowd_boxes: int = 0  # is_crowd boxes left out of the targets
+  truncated_boxes: int = 0  # boxes beyond data.max_boxes
+
+  def as_dict(self):
+    return dataclasses.asdict(self)
+
+  def add(self, batch, valid):
+    """Adds a batch's per-example counts; valid [b] bool marks real examples."""
+    self.images += int(valid.sum())
+    self.empty_images += int((valid & np.all(batch['classes'] < 0, axis=1)).sum())
+    self.degenerate_boxes += int(batch['num_degenerate'][valid].sum())
+    self.crowd_boxes += int(batch['num_crowd'][valid].sum())
+    self.truncated_boxes += int(batch['num_truncated'][valid].sum())
+
+
+def dataset_info(config):
+  """Classes of config.data.dataset: DatasetInfo(num_classes, class_names, category_ids)."""
+  if config.data.dataset == 'coco':
+    return DatasetInfo(len(coco.CATEGORY_IDS), coco.CLASS_NAMES, coco.CATEGORY_IDS)
+  if config.data.dataset == 'shapes':
+    n = len(shapes.CLASS_NAMES)
+    return DatasetInfo(n, shapes.CLASS_NAMES, tuple(range(1, n + 1)))
+  raise ValueError(f"config.data.dataset must be 'coco' or 'shapes', got {config.data.dataset!r}")
+
+
+def _check_config(config, batch_size, batch_key, process_index, process_count):
+  d = config.data
+  info = dataset_info(config)
+  canvas = tuple(d.canvas)
+  if len(canvas) != 2 or any(int(s) <= 0 or int(s) % 128 for s in canvas):
+    raise ValueError(f'config.data.canvas must be (H, W), positive multiples of 128, got {d.canvas}')
+  if not 0 < d.min_size <= d.max_size:
+    raise ValueError(f'config.data.min_size ({d.min_size}) must be in (0, max_size={d.max_size}]')
+  lo, hi = d.scale_jitter
+  if not 0 < lo <= hi:
+    raise ValueError(f'config.data.scale_jitter must be (lo, hi) with 0 < lo <= hi, got {d.scale_jitter}')
+  if len(d.mean) != 3 or len(d.std) != 3 or min(d.std) <= 0:
+    raise ValueError(f'config.data.mean / std must be 3 values with std > 0, got {d.mean} / {d.std}')
+  if d.max_boxes < 1:
+    raise ValueError(f'config.data.max_boxes must be >= 1, got {d.max_boxes}')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in [0, process_count={process_count})')
+  if batch_size % process_count or batch_size < process_count:
+    raise ValueError(f'{batch_key}={batch_size} must be a positive multiple of the process count {process_count}')
+  if config.model.num_classes < info.num_classes:
+    raise ValueError(f'config.model.num_classes={config.model.num_classes} is smaller than the '
+                     f'{info.num_classes} classes of dataset {d.dataset!r}')
+
+
+def _builder(config):
+  """The prepared tfds builder of config.data.dataset (shapes are built on first use)."""
+  if config.data.dataset == 'shapes':
+    return shapes.builder(config.data.shapes, config.data.data_dir)
+  builder = tfds.builder('coco/2017', data_dir=config.data.data_dir)
+  # A no-op when prepared; otherwise tfds downloads and prepares it, as tfds.load would.
+  builder.download_and_prepare(file_format='tfrecord')
+  return builder
+
+
+def _options():
+  options = tf.data.Options()
+  options.deterministic = True
+  # Parallelism comes from the parallel maps; one thread per op keeps tf off the cores JAX uses.
+  options.threading.max_intra_op_parallelism = 1
+  return options
+
+
+def _read(builder, split, shuffle_seed=None):
+  """Examples of `split` with the image still encoded, so decoding errors are ours to catch."""
+  read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, options=_options())
+  return builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()},
+                            shuffle_files=shuffle_seed is not None, read_config=read_config)
+
+
+def _decode(ds, index=False):
+  """Decodes images in parallel; undecodable examples are dropped (counted by the caller)."""
+  if index:
+    ds = ds.enumerate().map(lambda i, ex: (i, coco.decode(ex)), tf.data.AUTOTUNE, deterministic=True)
+  else:
+    ds = ds.map(coco.decode, tf.data.AUTOTUNE, deterministic=True)
+  return ds.ignore_errors(log_warning=True)
+
+
+def _prepare(ex, data, rand=None):
+  """A decoded example -> fixed-shape model input plus per-example counts.
+
+  Args:
+    ex: coco.decode's dict.
+    data: dict of the config.data values used (plain Python values).
+    rand: [2] uniform numbers (flip, jitter) for training; None for evaluation.
+  Returns:
+    dict: image [H, W, 3] float32, boxes [M, 4] float32 canvas pixels, classes
+    [M] int32 (-1 padding), image_id, orig_hw [2], scale, image_hw [2], valid,
+    and the int32 counts num_degenerate, num_crowd, num_truncated.
+  """
+  image = ex['image']
+  hw = tf.shape(image)[:2]
+  boxes, keep, counts = augment.clean_boxes(ex['boxes'], ex['is_crowd'], hw[0], hw[1])
+  boxes = tf.boolean_mask(boxes, keep)
+  classes = tf.boolean_mask(ex['classes'], keep)
+  jitter = 1.0
+  if rand is not None:
+    if data['flip']:
+      image, boxes = tf.cond(rand[0] < 0.5, lambda: augment.flip_left_right(image, boxes),
+                             lambda: (image, boxes))
+    lo, hi = data['scale_jitter']
+    jitter = lo + (hi - lo) * rand[1]
+  scale = augment.resize_scale(hw[0], hw[1], data['min_size'] * jitter, data['max_size'] * jitter,
+                               data['canvas'])
+  image, boxes, new_hw = augment.resize(image, boxes, scale, data['canvas'])
+  image = augment.pad_image(augment.normalize(image, data['mean'], data['std']), data['canvas'])
+  boxes, classes, truncated = augment.pad_boxes(boxes, classes, data['max_boxes'])
+  return {
+      'image': image, 'boxes': boxes, 'classes': classes, 'image_id': ex['image_id'],
+      'orig_hw': tf.cast(hw, tf.float32), 'scale': scale, 'image_hw': tf.cast(new_hw, tf.float32),
+      'valid': tf.constant(True), 'num_degenerate': counts['degenerate'],
+      'num_crowd': counts['crowd'], 'num_truncated': truncated,
+  }
+
+
+def _data_values(config):
+  d = config.data
+  return {
+      'canvas': tuple(int(s) for s in d.canvas), 'min_size': float(d.min_size),
+      'max_size': float(d.max_size), 'scale_jitter': tuple(float(s) for s in d.scale_jitter),
+      'flip': bool(d.flip), 'mean': tuple(d.mean), 'std': tuple(d.std), 'max_boxes': int(d.max_boxes),
+  }
+
+
+def train_iterator(config, *, process_index=0, process_count=1, stats=None):
+  """Infinite, shuffled training batches of this process.
+
+  Args:
+    config: the run config (reads data.*, seed, train.batch_size, model.num_classes).
+    process_index, process_count: this process and the number of processes;
+      each reads a disjoint slice of data.train_split.
+    stats: optional DataStats, updated as batches are yielded.
+  Yields:
+    dict of numpy arrays, b = train.batch_size // process_count:
+    image [b, H, W, 3] float32 normalized, boxes [b, M, 4] float32 canvas
+    pixels (x1, y1, x2, y2), classes [b, M] int32 (-1 padding).
+  """
+  _check_config(config, config.train.batch_size, 'config.train.batch_size', process_index, process_count)
+  batch = config.train.batch_size // process_count
+  data = _data_values(config)
+  split = tfds.split_for_jax_process(config.data.train_split, process_index=process_index,
+                                     process_count=process_count)
+  seed = int(config.seed) * 65537 + process_index  # distinct random streams per process
+  ds = _read(_builder(config), split, shuffle_seed=seed)
+  epoch = int(ds.cardinality())
+  if epoch <= 0:
+    raise ValueError(f'{config.data.dataset} split {config.data.train_split!r} has no examples '
+                     f'for process {process_index} of {process_count}')
+  ds = ds.shuffle(config.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+  # The position in the epoch survives decoding; its gaps are the skipped images.
+  ds = _decode(ds, index=True).repeat().enumerate()
+
+  def prepare(step, item):
+    position, ex = item
+    rand = tf.random.stateless_uniform([2], seed=tf.stack([tf.constant(seed, tf.int64), step]))
+    return {**_prepare(ex, data, rand), 'position': position}
+
+  ds = ds.map(prepare, tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(_options())
+  return _train_batches(ds, epoch, stats if stats is not None else DataStats(), config.data.train_split)
+
+
+def _train_batches(ds, epoch, stats, split):
+  expected = 0  # the next position in the epoch if nothing is skipped
+  for batch in ds.as_numpy_iterator():
+    position = batch['position']
+    previous = np.concatenate([[expected], (position[:-1] + 1) % epoch])
+    skipped = int(((position - previous) % epoch).sum())
+    if skipped:
+      logging.warning('data: skipped %d undecodable image(s) of %s', skipped, split)
+    stats.skipped_images += skipped
+    expected = (int(position[-1]) + 1) % epoch
+    stats.add(batch, np.ones(len(position), bool))
+    yield {k: batch[k] for k in _TRAIN_KEYS}
+  # repeat() ends only when a whole epoch decoded nothing.
+  raise ValueError(f'no image of split {split!r} could be decoded')
+
+
+def _eval_split(config):
+  split, limit = config.data.eval_split, int(config.data.eval_images)
+  if limit <= 0:
+    return split
+  if '[' in split or '+' in split:
+    raise ValueError(f'config.data.eval_images={limit} needs a plain split name in '
+                     f'config.data.eval_split, got {split!r}')
+  return f'{split}[:{limit}]'
+
+
+def eval_iterator(config, *, process_index=0, process_count=1, stats=None):
+  """One pass over this process's slice of the eval split, in fixed-size batches.
+
+  Every process yields the same number of batches (what the largest slice
+  needs); rows past the end of a slice are padding with valid False, image_id
+  -1 and classes -1.
+
+  Args:
+    config: the run config (reads data.*, eval.batch_size, model.num_classes).
+    process_index, process_count: this process and the number of processes.
+    stats: optional DataStats, updated as batches are yielded.
+  Yields:
+    dict of numpy arrays, b = eval.batch_size // process_count: image
+    [b, H, W, 3], boxes [b, M, 4] (crowd boxes left out), classes [b, M],
+    image_id [b] int64, orig_hw [b, 2] float32 (original height, width),
+    scale [b] float32 (canvas px = original px * scale), image_hw [b, 2]
+    float32 (valid area on the canvas), valid [b] bool.
+  """
+  _check_config(config, config.eval.batch_size, 'config.eval.batch_size', process_index, process_count)
+  batch = config.eval.batch_size // process_count
+  data = _data_values(config)
+  builder = _builder(config)
+  split = _eval_split(config)
+  total = int(_read(builder, split).cardinality())
+  num_batches = math.ceil(math.ceil(total / process_count) / batch)
+  ds = _read(builder, tfds.even_splits(split, process_count)[process_index])
+  own = int(ds.cardinality())
+  ds = _decode(ds).map(lambda ex: _prepare(ex, data), tf.data.AUTOTUNE, deterministic=True)
+  padding = {k: tf.zeros(s.shape, s.dtype) for k, s in ds.element_spec.items()}
+  padding.update(classes=-tf.ones_like(padding['classes']), image_id=tf.constant(-1, tf.int64),
+                 valid=tf.constant(False))
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat()).take(num_batches * batch)
+  ds = ds.batch(batch).prefetch(tf.data.AUTOTUNE).with_options(_options())
+  return _eval_batches(ds, own, stats if stats is not None else DataStats(), split)
+
+
+def _eval_batches(ds, own, stats, split):
+  seen = 0
+  for batch in ds.as_numpy_iterator():
+    stats.add(batch, batch['valid'])
+    seen += int(batch['valid'].sum())
+    yield {k: v for k, v in batch.items() if k not in _STAT_KEYS}
+  if own > seen:
+    logging.warning('data: skipped %d undecodable image(s) of %s', own - seen, split)
+  stats.skipped_images += own - seen
+
+
+def eval_ground_truth(config):
+  """Ground truth of the eval split for pycocotools, crowd boxes kept (iscrowd=1).
+
+  From config.data.annotation_file when given (restricted to the first
+  data.eval_images images when that is set), else built from the tfds eval
+  split: boxes in COCO (x, y, w, h) pixels of the original image, degenerate
+  boxes dropped, undecodable images left out, exactly as the eval iterator
+  sees them. Image ids are the tfds image/id, as in the eval batches.
+
+  Returns:
+    pycocotools.coco.COCO.
+  """
+  info = dataset_info(config)
+  path = config.data.annotation_file
+  if path:
+    if not tf.io.gfile.exists(path):
+      raise FileNotFoundError(f'config.data.annotation_file={path!r} does not exist')
+    gt = coco.pycoco.COCO(path)
+    if config.data.eval_images <= 0:
+      return gt
+    ids = {int(ex['image/id']) for ex in _read(_builder(config), _eval_split(config)).as_numpy_iterator()}
+    dataset = dict(gt.dataset)
+    dataset['images'] = [im for im in gt.dataset['images'] if im['id'] in ids]
+    dataset['annotations'] = [a for a in gt.dataset['annotations'] if a['image_id'] in ids]
+    return coco.from_dict(dataset)
+
+  def record(ex):
+    hw = tf.shape(ex['image'])[:2]
+    boxes, keep, _ = augment.clean_boxes(ex['boxes'], ex['is_crowd'], hw[0], hw[1], keep_crowd=True)
+    out = {k: tf.boolean_mask(ex[k], keep) for k in ('classes', 'is_crowd', 'area')}
+    return {**out, 'boxes': tf.boolean_mask(boxes, keep), 'image_id': ex['image_id'],
+            'height': hw[0], 'width': hw[1]}
+
+  ds = _decode(_read(_builder(config), _eval_split(config)))
+  ds = ds.map(record, tf.data.AUTOTUNE, deterministic=True).with_options(_options())
+  return coco.ground_truth(ds.as_numpy_iterator(), info.category_ids, info.class_names)

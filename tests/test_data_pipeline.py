@@ -1,0 +1,160 @@
+"""train_iterator / eval_iterator / eval_ground_truth on a tiny built 'retina_shapes' set."""
+
+import json
+
+import numpy as np
+import pytest
+
+from configs import base
+from retina_jax import boxes as box_lib
+from retina_jax.data import pipeline
+
+pytestmark = pytest.mark.slow  # builds a dataset (16 + 10 images of 64 px, a few seconds)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+def _config(data_dir, **data):
+  c = base.get_config()
+  c.data.dataset = 'shapes'
+  c.data.data_dir = data_dir
+  c.data.canvas = (128, 128)
+  c.data.min_size = 64
+  c.data.max_size = 64
+  c.data.max_boxes = 12
+  c.data.shuffle_buffer = 16
+  c.data.shapes.image_size = 64
+  c.data.shapes.num_train = 16
+  c.data.shapes.num_val = 10
+  c.data.shapes.max_objects = 8
+  c.data.shapes.min_object_size = 6
+  c.model.num_classes = 6
+  c.train.batch_size = 4
+  c.eval.batch_size = 4
+  for k, v in data.items():
+    setattr(c.data, k, v)
+  return c
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def test_train_batches(data_dir):
+  stats = pipeline.DataStats()
+  batches = _take(pipeline.train_iterator(_config(data_dir), stats=stats), 2)
+  b = batches[0]
+  assert set(b) == {'image', 'boxes', 'classes'}
+  assert b['image'].shape == (4, 128, 128, 3) and b['image'].dtype == np.float32
+  assert b['boxes'].shape == (4, 12, 4) and b['classes'].shape == (4, 12)
+  # 64 x 64 images on a 128 canvas: normalized content, zero (mean colour) padding.
+  assert np.all(b['image'][:, 64:] == 0) and np.all(b['image'][:, :, 64:] == 0)
+  assert np.abs(b['image'][:, :64, :64]).max() > 0.5
+  valid = b['classes'] >= 0
+  assert valid.any() and np.all(b['classes'][valid] < 6)
+  assert np.all(b['boxes'][valid] <= 64) and np.all(b['boxes'][~valid] == 0)
+  assert stats.images == 8 and stats.crowd_boxes == 0  # crowds are in validation only
+
+
+def test_train_is_deterministic_given_seed(data_dir):
+  config = _config(data_dir, scale_jitter=(0.5, 1.0))
+  a = _take(pipeline.train_iterator(config), 3)
+  b = _take(pipeline.train_iterator(config), 3)
+  for x, y in zip(a, b):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  config.seed = 1
+  c = _take(pipeline.train_iterator(config), 3)
+  assert not all(np.array_equal(x['image'], y['image']) for x, y in zip(a, c))
+
+
+def test_scale_jitter_scales_images_and_boxes(data_dir):
+  b = next(pipeline.train_iterator(_config(data_dir, scale_jitter=(0.5, 0.5), flip=False)))
+  assert np.all(b['image'][:, 32:] == 0) and np.all(b['image'][:, :, 32:] == 0)
+  valid = b['classes'] >= 0
+  assert np.all(b['boxes'][valid] <= 32)
+
+
+def test_train_slices_of_two_processes_are_disjoint_and_cover(data_dir):
+  config = _config(data_dir, flip=False)
+  seen = []
+  for index in range(2):
+    # batch 4 over 2 processes: 2 per process, 4 batches = one epoch of 8 images.
+    batches = _take(pipeline.train_iterator(config, process_index=index, process_count=2), 4)
+    seen.append({img.tobytes() for b in batches for img in b['image']})
+  assert len(seen[0]) == len(seen[1]) == 8
+  assert not seen[0] & seen[1]
+
+
+def test_eval_pads_the_last_batch(data_dir):
+  stats = pipeline.DataStats()
+  batches = list(pipeline.eval_iterator(_config(data_dir), stats=stats))
+  assert len(batches) == 3  # 10 images, batches of 4
+  b = batches[-1]
+  np.testing.assert_array_equal(b['valid'], [True, True, False, False])
+  np.testing.assert_array_equal(b['image_id'][2:], -1)
+  assert np.all(b['classes'][2:] == -1) and np.all(b['image'][2:] == 0)
+  ids = np.concatenate([b['image_id'][b['valid']] for b in batches])
+  assert sorted(ids.tolist()) == list(range(1, 11))
+  assert set(batches[0]) == {'image', 'boxes', 'classes', 'image_id', 'orig_hw', 'scale',
+                             'image_hw', 'valid'}
+  assert batches[0]['image_id'].dtype == np.int64
+  np.testing.assert_array_equal(batches[0]['orig_hw'], 64)
+  np.testing.assert_array_equal(batches[0]['scale'], 1.0)
+  assert stats.images == 10 and stats.skipped_images == 0
+
+
+def test_eval_slices_of_two_processes(data_dir):
+  config = _config(data_dir, eval_images=9)
+  everything = [i for b in pipeline.eval_iterator(config) for i in b['image_id'][b['valid']]]
+  assert len(everything) == 9
+  slices = []
+  for index in range(2):
+    batches = list(pipeline.eval_iterator(config, process_index=index, process_count=2))
+    assert len(batches) == 3 and all(len(b['valid']) == 2 for b in batches)  # same count on both
+    slices.append([i for b in batches for i in b['image_id'][b['valid']]])
+  assert [len(s) for s in slices] == [5, 4]
+  assert slices[0] + slices[1] == everything  # disjoint, cover, in order
+
+
+def test_ground_truth_matches_eval_batches(data_dir):
+  config = _config(data_dir, min_size=96, max_size=96)  # scale 1.5
+  gt = pipeline.eval_ground_truth(config)
+  assert sorted(gt.getImgIds()) == list(range(1, 11))
+  assert {c['id'] for c in gt.loadCats(gt.getCatIds())} == set(range(1, 7))
+  for b in pipeline.eval_iterator(config):
+    for i in np.flatnonzero(b['valid']):
+      image_id = int(b['image_id'][i])
+      assert gt.imgs[image_id]['height'] == 64 and b['scale'][i] == 1.5
+      anns = [a for a in gt.loadAnns(gt.getAnnIds(imgIds=[image_id])) if not a['iscrowd']]
+      want = box_lib.from_coco(np.array([a['bbox'] for a in anns]).reshape(-1, 4)) * 1.5
+      n = min(len(anns), 12)
+      np.testing.assert_allclose(b['boxes'][i, :n], want[:n], atol=1e-3)
+      np.testing.assert_array_equal(b['classes'][i, :n] + 1, [a['category_id'] for a in anns][:n])
+
+
+def test_ground_truth_from_file_follows_eval_images(data_dir, tmp_path):
+  path = tmp_path / 'instances.json'
+  path.write_text(json.dumps({
+      'images': [{'id': i, 'height': 64, 'width': 64, 'file_name': f'{i}.jpg'} for i in range(1, 11)],
+      'annotations': [{'id': i, 'image_id': i, 'category_id': 1, 'bbox': [1, 1, 9, 9], 'area': 81.0,
+                       'iscrowd': 0} for i in range(1, 11)],
+      'categories': [{'id': i, 'name': str(i)} for i in range(1, 7)],
+  }))
+  config = _config(data_dir, annotation_file=str(path), eval_images=3)
+  gt = pipeline.eval_ground_truth(config)
+  ids = sorted(int(i) for b in pipeline.eval_iterator(config) for i in b['image_id'][b['valid']])
+  assert sorted(gt.getImgIds()) == ids and len(ids) == 3
+  assert sorted(a['image_id'] for a in gt.dataset['annotations']) == ids
+
+
+def test_batch_size_must_split_over_processes(data_dir):
+  with pytest.raises(ValueError, match='config.eval.batch_size'):
+    pipeline.eval_iterator(_config(data_dir), process_index=0, process_count=3)
+  with pytest.raises(ValueError, match='config.model.num_classes'):
+    config = _config(data_dir)
+    config.model.num_classes = 3
+    pipeline.train_iterator(config)
