@@ -203,9 +203,9 @@ def train_iterator(config, *, process_index=0, process_count=1, stats=None):
   seed = int(config.seed) * 65537 + process_index  # distinct random streams per process
   ds = _read(_builder(config), split, shuffle_seed=seed)
   epoch = int(ds.cardinality())
-  if epoch <= 0:
-    raise ValueError(f'{config.data.dataset} split {config.data.train_split!r} has no examples '
-                     f'for process {process_index} of {process_count}')
+  if epoch <= 0:  # 0: empty slice; negative: tfds could not tell its size
+    raise ValueError(f'{config.data.dataset} split {config.data.train_split!r} gives process '
+                     f'{process_index} of {process_count} no examples (or an unknown number)')
   ds = ds.shuffle(config.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   # The position in the epoch survives decoding; its gaps are the skipped images.
   ds = _decode(ds, index=True).repeat().enumerate()

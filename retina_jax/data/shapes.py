@@ -299,7 +299,15 @@ def builder(shapes_config, data_dir=None):
       num_val=int(shapes_config.num_val), max_objects=int(shapes_config.max_objects),
       min_object_size=int(shapes_config.min_object_size), seed=int(shapes_config.seed))
   b = RetinaShapes(config=config, data_dir=data_dir, file_format='tfrecord')
-  if not b.is_prepared():
+  if b.is_prepared():
+    return b
+  try:
     b.download_and_prepare(download_config=tfds.download.DownloadConfig(
         compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  except OSError:
+    # Processes sharing a data_dir build at once; tfds renames a finished build
+    # into place, so a loser's rename fails while the winner's data is there.
+    b = RetinaShapes(config=config, data_dir=data_dir, file_format='tfrecord')
+    if not b.is_prepared():
+      raise
   return b
