@@ -25,10 +25,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'The config the workdir was trained with.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A trained run directory (its latest checkpoint).')
-_IMAGES = flags.DEFINE_integer('images', 64, 'Eval images to draw samples from.')
-_OUT = flags.DEFINE_string('out', None, 'PNG path; default experiments/results/figure4_<dataset>.png.')
+FLAGS = flags.FLAGS
 
 GAMMAS = (0.0, 0.5, 1.0, 2.0)
 
@@ -114,7 +111,7 @@ def main(argv):
   from retina_jax.data import pipeline
   from experiments import run_table
 
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  config, workdir, images, out = FLAGS.config, FLAGS.workdir, FLAGS.images, FLAGS.out
   mesh = sharding.make_mesh()
   model, variables = run_table.load_variables(config, workdir, mesh)
   anchors = jax.device_put(anchors_lib.from_config(config), sharding.replicated(mesh))
@@ -137,14 +134,14 @@ def main(argv):
       for i in range(len(GAMMAS)):
         kept[kind][i].append(loss[i][mask])
     seen += int(real.sum())
-    if seen >= _IMAGES.value:
+    if seen >= images:
       break
   curves, counts = {}, {}
   for kind, per_gamma in kept.items():
     for gamma, parts in zip(GAMMAS, per_gamma):
       curves[(kind, gamma)] = cumulative_share(np.concatenate(parts))
     counts[kind] = int(sum(p.size for p in per_gamma[0]))
-  out = _OUT.value or os.path.join(run_table.RESULTS_DIR, f'figure4_{config.data.dataset}.png')
+  out = out or os.path.join(run_table.RESULTS_DIR, f'figure4_{config.data.dataset}.png')
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   plot(curves, counts, out, f'{os.path.basename(os.path.normpath(workdir))}: {seen} images, '
        f'{config.model.backbone}, loss gamma {config.loss.gamma:g}')
@@ -152,6 +149,15 @@ def main(argv):
         f'from {seen} images')
 
 
-if __name__ == '__main__':
+def define_flags():
+  """The command line; defined on demand so that importing this module defines no flags."""
+  config_flags.DEFINE_config_file('config', None, 'The config the workdir was trained with.')
+  flags.DEFINE_string('workdir', None, 'A trained run directory (its latest checkpoint).')
+  flags.DEFINE_integer('images', 64, 'Eval images to draw samples from.')
+  flags.DEFINE_string('out', None, 'PNG path; default experiments/results/figure4_<dataset>.png.')
   flags.mark_flags_as_required(['config', 'workdir'])
+
+
+if __name__ == '__main__':
+  define_flags()
   app.run(main)

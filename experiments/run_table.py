@@ -213,7 +213,8 @@ def main(argv=None):
     names = [r for r in names if r in chosen]
   if not args.schedule > 0:
     parser.error(f'--schedule must be > 0, got {args.schedule}')
-  root = os.path.join(args.workdir_root, f'{name}_{args.dataset}')
+  # orbax needs absolute checkpoint paths.
+  root = os.path.join(os.path.abspath(args.workdir_root), f'{name}_{args.dataset}')
 
   if args.dry_run:
     for row in names:

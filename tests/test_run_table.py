@@ -24,7 +24,7 @@ def test_dry_run_lists_every_row_of_every_table(capsys, tmp_path):
       argv = shlex.split(line)
       assert argv[1:3] == ['-m', 'retina_jax.main']
       assert f'--config=configs/{name}.py:row={row},dataset=shapes,schedule=0.5' in argv
-      assert f'--workdir={tmp_path}/{name}_shapes/{row}' in argv
+      assert f'--workdir={tmp_path.resolve()}/{name}_shapes/{row}' in argv
       module.get_config(argv[3].split(':', 1)[1])  # the printed argument builds
   assert not list(tmp_path.iterdir()), 'a dry run writes nothing'
 
