@@ -3,7 +3,7 @@
 It has coco/2017's feature structure (image, image/id, image/filename, objects
 with bbox, label, is_crowd, area, id), so the COCO pipeline reads it unchanged.
 Every image is drawn from a numpy generator seeded by (seed, split, index):
-the same settings always give the same bytes.
+the same settings always give the same images.
 
 What makes it a detection problem rather than a toy:
   * six classes told apart only by silhouette (every object gets a random
