@@ -128,7 +128,8 @@ def main(argv):
   seen = 0
   for local in pipeline.eval_iterator(config):
     batch = sharding.global_batch({k: local[k] for k in ('image', 'boxes', 'classes')}, mesh)
-    loss, positive, negative = jax.device_get(samples(variables, batch['image'], batch['boxes'], batch['classes']))
+    loss, positive, negative = jax.device_get(
+        samples(variables, batch['image'], batch['boxes'], batch['classes']))
     real = np.asarray(local['valid'])[:, None, None]  # the eval split's padding images are no samples
     for kind, mask in (('positive', positive & real), ('negative', negative & real)):
       for i in range(len(GAMMAS)):

@@ -107,10 +107,11 @@ def plot(name, module, results, path):
   """AP across the table's rows (or, for Table 1e, AP against time per image) as a PNG."""
   if name == 'table1e_speed':
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, who, unit in ((axes[0], 'paper', 'paper, ms on an M40'), (axes[1], 'ours', 'ours, ms on this device')):
+    panels = ((axes[0], 'paper', 'paper, ms on an M40'), (axes[1], 'ours', 'ours, ms on this device'))
+    for ax, who, unit in panels:
       for depth in (50, 101):
         pts = [(r[who]['time_ms'], r[who]['AP'], module.DEPTH_SCALE[r['row']][1]) for r in results
-               if r[who] and 'time_ms' in r[who] and 'AP' in r[who] and module.DEPTH_SCALE[r['row']][0] == depth]
+               if r[who] and 'time_ms' in r[who] and module.DEPTH_SCALE[r['row']][0] == depth]
         if pts:
           t, ap, scale = zip(*pts)
           ax.plot(t, ap, 'o-', label=f'depth {depth}')

@@ -102,7 +102,8 @@ def load_variables(config, workdir, mesh):
   from retina_jax.model import retinanet
   model = retinanet.build(config)
   state, _ = train.create_train_state(config, model, mesh)
-  manager = checkpoint.make_manager(os.path.abspath(workdir), config.train.keep_checkpoints)  # orbax wants absolute
+  # orbax wants an absolute path.
+  manager = checkpoint.make_manager(os.path.abspath(workdir), config.train.keep_checkpoints)
   restored = checkpoint.restore(manager, state)
   manager.close()
   if restored is None:

@@ -71,7 +71,8 @@ def test_results_file_and_plot_from_fake_metrics_keep_notes(tmp_path):
   text = open(md).read()
   for row in names:
     assert f'| {row} |' in text
-  assert '| gamma_2 | 34.0 / 35.0 | 52.5 / 55.0 | 36.5 / 30.0 | `row=gamma_2,dataset=shapes,schedule=1` | 100 |' in text
+  assert ('| gamma_2 | 34.0 / 35.0 | 52.5 / 55.0 | 36.5 / 30.0 | `row=gamma_2,dataset=shapes,schedule=1` | 100 |'
+          in text)
   assert 'not run' in text and 'cmd --x' in text and 'Spearman' in text
   assert 'best row by AP, paper: gamma_2, ours: gamma_2' in text
   assert open(png, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
