@@ -11,13 +11,17 @@ Loss, matching, box coding and post-processing keep the paper's settings.
   python -m retina_jax.main --config configs/shapes.py --workdir runs/demo
 
 Dataset build + training + evaluation take about 10 minutes on 2 CPU cores.
+`configs/shapes.py:tiny` is the test-sized variant (ResNet-18 at width 8, 16-wide
+FPN and one-conv subnets, 32 training images, a few steps): it checks that the
+pipeline runs, not that it learns.
 """
 
 from configs import base
 
 
 def get_config(arg=None):
-  del arg
+  if arg not in (None, '', 'tiny'):
+    raise ValueError(f"configs/shapes.py: unknown argument {arg!r}; use nothing or 'tiny'")
   c = base.get_config()
   c.data.dataset = 'shapes'
   c.data.canvas = (128, 128)
@@ -56,4 +60,25 @@ def get_config(arg=None):
 
   c.eval.batch_size = 20
   c.eval.visualize = 8
+  if arg == 'tiny':
+    _tiny(c)
   return c
+
+
+def _tiny(c):
+  c.data.shapes.num_train = 32
+  c.data.shapes.num_val = 8
+  c.data.shuffle_buffer = 32
+  c.model.backbone_width = 8
+  c.model.fpn_width = 16
+  c.model.head_width = 16
+  c.model.head_convs = 1
+  c.model.head_norm = 'none'
+  c.optim.warmup_steps = 2
+  c.optim.decay_steps = (8,)
+  c.train.batch_size = 8
+  c.train.steps = 4
+  c.train.log_every = 1
+  c.train.checkpoint_every = 2
+  c.eval.batch_size = 8
+  c.eval.visualize = 2

@@ -18,17 +18,18 @@ def make_manager(workdir, keep):
   """A CheckpointManager writing to <workdir>/checkpoints, keeping the last `keep` steps."""
   if keep < 1:
     raise ValueError(f'train.keep_checkpoints must be >= 1, got {keep}')
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+  # Synchronous: a save is on disk when save() returns, so SIGTERM and error paths need no waiting.
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
   return ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), options=options)
 
 
 def save(manager, step, state):
-  """Writes `state` as step `step` (asynchronously; `wait` or `close` before exiting)."""
+  """Writes `state` as step `step`; it is on disk when this returns."""
   manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
 
 
 def wait(manager):
-  """Blocks until pending asynchronous writes are on disk."""
+  """Blocks until pending writes are on disk (a no-op for synchronous managers, kept for safety)."""
   manager.wait_until_finished()
 
 

@@ -1,0 +1,184 @@
+"""Evaluation: jitted inference + post-processing on device, COCO metrics on the host.
+
+Detections leave the device as fixed-size arrays [B, D, ...], are gathered from
+every process, mapped back to original-image pixels (divide by the resize
+scale, clip to the original size) and to COCO category ids, and scored by
+pycocotools' COCOeval against data.pipeline.eval_ground_truth(config).
+"""
+
+import contextlib
+import io
+import json
+import os
+
+import jax
+import numpy as np
+import tensorflow as tf
+from jax.experimental import multihost_utils
+from pycocotools import cocoeval
+
+from retina_jax import anchors as anchors_lib
+from retina_jax import boxes as boxes_lib
+from retina_jax import checkpoint
+from retina_jax import postprocess
+from retina_jax import sharding
+from retina_jax import visualize
+from retina_jax.data import pipeline
+
+METRICS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')  # COCOeval.stats[0:6]
+
+
+def make_predict_fn(config, model, mesh):
+  """jit(images -> detections): variables replicated, batch split over 'data'.
+
+  The returned function takes (variables, images [B, H, W, 3], image_hw [B, 2],
+  anchors [A, 4]) and returns postprocess.postprocess's dict (boxes [B, D, 4] in
+  canvas pixels, scores [B, D], classes [B, D] int32, valid [B, D] bool).
+  """
+  p = config.postprocess
+  counts = anchors_lib.level_counts(
+      tuple(config.data.canvas), tuple(config.anchors.levels),
+      anchors_lib.num_per_location(config.anchors))
+  rep, split = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+
+  def predict(variables, images, image_hw, anchors):
+    out = model.apply(variables, images, train=False)
+    return postprocess.postprocess(
+        out['logits'], out['deltas'], anchors, counts, image_hw, score_thresh=p.score_thresh,
+        topk_per_level=p.topk_per_level, nms_iou=p.nms_iou, max_detections=p.max_detections,
+        weights=tuple(config.box_coder.weights), clamp=config.box_coder.clamp)
+
+  return jax.jit(predict, in_shardings=(rep, split, split, rep), out_shardings=split)
+
+
+def to_coco_rows(dets, meta, category_ids):
+  """Detections of a batch -> rows [N, 7] (image_id, x, y, w, h, score, category_id).
+
+  Args:
+    dets: boxes [B, D, 4] canvas px, scores [B, D], classes [B, D], valid [B, D].
+    meta: image_id [B], scale [B], orig_hw [B, 2], valid [B] (False for padding images).
+    category_ids: [K] COCO category id of each label.
+  Returns:
+    float64 [N, 7], only valid detections of valid images.
+  """
+  boxes = dets['boxes'] / meta['scale'][:, None, None]
+  boxes = boxes_lib.clip(boxes, meta['orig_hw'][:, 0:1], meta['orig_hw'][:, 1:2])  # [B, D, 4]
+  keep = dets['valid'] & meta['valid'][:, None]  # [B, D]
+  ids = np.broadcast_to(meta['image_id'][:, None], keep.shape)
+  cats = np.asarray(category_ids)[np.maximum(dets['classes'], 0)]
+  xywh = boxes_lib.to_coco(boxes)
+  return np.concatenate([ids[keep][:, None], xywh[keep], dets['scores'][keep][:, None],
+                         cats[keep][:, None]], axis=1).astype(np.float64)
+
+
+def coco_metrics(coco_gt, rows, image_ids, verbose=True):
+  """COCO box AP of `rows` (see to_coco_rows) on `image_ids`; all zeros without detections."""
+  if len(rows) == 0:
+    return {k: 0.0 for k in METRICS}
+  coco_dt = coco_gt.loadRes(rows)
+  e = cocoeval.COCOeval(coco_gt, coco_dt, 'bbox')
+  e.params.imgIds = sorted(int(i) for i in image_ids)
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    e.evaluate()
+    e.accumulate()
+    e.summarize()
+  if verbose:
+    print(out.getvalue(), end='')
+  # COCOeval reports -1 where no ground truth exists (e.g. no small objects); that is no AP.
+  return {k: max(float(v), 0.0) for k, v in zip(METRICS, e.stats[:6])}
+
+
+def format_table(metrics, step):
+  head = ' | '.join(f'{k:>6}' for k in METRICS)
+  vals = ' | '.join(f'{100 * metrics[k]:6.2f}' for k in METRICS)
+  return f'step {step}\n| {head} |\n| {vals} |'
+
+
+def evaluate(config, model, variables, mesh, step, workdir):
+  """Runs the eval split, writes eval_<step>.json and detections_<step>.png.
+
+  Args:
+    config: the run config.
+    model: the RetinaNet module.
+    variables: {'params', 'batch_stats'}, replicated over the mesh.
+    mesh: the ('data',) mesh.
+    step: training step, for the file names.
+    workdir: run directory.
+  Returns:
+    dict AP, AP50, AP75, APs, APm, APl (fractions in [0, 1]) plus step and images.
+  """
+  predict = make_predict_fn(config, model, mesh)
+  anchors = jax.device_put(anchors_lib.from_config(config), sharding.replicated(mesh))
+  info = pipeline.dataset_info(config)
+  rows, image_ids, shown = [], [], []
+  it = pipeline.eval_iterator(config, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+  for local in it:
+    local['image_id'] = _int32_ids(local['image_id'])
+    batch = sharding.global_batch(local, mesh)
+    dets = predict(variables, batch['image'], batch['image_hw'], anchors)
+    dets = multihost_utils.process_allgather(dets, tiled=True)
+    meta = multihost_utils.process_allgather(
+        {k: batch[k] for k in ('image_id', 'scale', 'orig_hw', 'valid')}, tiled=True)
+    rows.append(to_coco_rows(dets, meta, info.category_ids))
+    image_ids.extend(meta['image_id'][meta['valid']].tolist())
+    if len(shown) < config.eval.visualize:
+      shown.extend(_for_picture(local, dets, meta, config.eval.visualize - len(shown)))
+  rows = np.concatenate(rows) if rows else np.zeros((0, 7))
+  lead = jax.process_index() == 0
+  with contextlib.redirect_stdout(io.StringIO()) if not lead else contextlib.nullcontext():
+    coco_gt = pipeline.eval_ground_truth(config)
+  metrics = coco_metrics(coco_gt, rows, image_ids, verbose=lead)
+  metrics.update(step=int(step), images=len(image_ids), detections=len(rows))
+  if lead:
+    print(format_table(metrics, step))
+    with tf.io.gfile.GFile(os.path.join(workdir, f'eval_{step}.json'), 'w') as f:
+      json.dump(metrics, f, indent=2)
+    if shown:
+      visualize.save_detections(
+          os.path.join(workdir, f'detections_{step}.png'), shown, info.class_names,
+          config.data.mean, config.data.std)
+  return metrics
+
+
+def _int32_ids(ids):
+  ids = np.asarray(ids)
+  if ids.size and (ids.max() >= 2**31 or ids.min() < -2**31):
+    raise ValueError(f'image_id {ids.max()} does not fit int32 (JAX runs without 64-bit ints)')
+  return ids.astype(np.int32)
+
+
+def _for_picture(local, dets, meta, n):
+  """Up to n of this process's valid images with their detections, matched by image id."""
+  out = []
+  gathered = {int(i): r for r, i in enumerate(meta['image_id']) if meta['valid'][r]}
+  for r in range(len(local['image_id'])):
+    if len(out) == n or not local['valid'][r]:
+      continue
+    g = gathered[int(local['image_id'][r])]
+    keep = dets['valid'][g]
+    out.append({'image': local['image'][r], 'image_hw': local['image_hw'][r],
+                'boxes': dets['boxes'][g][keep], 'scores': dets['scores'][g][keep],
+                'classes': dets['classes'][g][keep]})
+  return out
+
+
+def evaluate_checkpoint(config, workdir):
+  """Mode 'eval': evaluates checkpoint eval.checkpoint_step (-1 the latest) of workdir.
+
+  Without any checkpoint, evaluates the initial (e.g. pretrained) weights as step 0.
+  """
+  from retina_jax import train
+  from retina_jax.model import retinanet
+  mesh = sharding.make_mesh()
+  model = retinanet.build(config)
+  state, _ = train.create_train_state(config, model, mesh)
+  manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
+  restored = checkpoint.restore(manager, state, config.eval.checkpoint_step)
+  manager.close()
+  if restored is None and not config.model.pretrained:
+    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints and no model.pretrained to evaluate')
+  state = state if restored is None else restored
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  return evaluate(config, model, variables, mesh, int(state.step), workdir)

@@ -1,0 +1,279 @@
+"""Training: the train state, one jitted data-parallel step, and the loop.
+
+Reads top to bottom: build the pieces from the config, create (or restore) the
+state, compile the step with explicit shardings, run the loop with metrics,
+checkpoints and periodic evaluation.
+
+Data parallelism: the step is single-device code on the *global* batch. jit
+splits the batch over the ('data',) mesh and replicates the state, so the
+number of positive anchors that normalizes the loss, trainable BatchNorm
+statistics and the gradient mean are all over the global batch.
+
+Resuming: the data iterator is deterministic given config.seed and the process
+index; a resumed run rebuilds it and skips the `step` batches the checkpoint
+already consumed, so it sees exactly the batches of a run that never stopped.
+"""
+
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tensorflow as tf
+import tqdm
+from flax.metrics import tensorboard
+
+from retina_jax import anchors as anchors_lib
+from retina_jax import checkpoint
+from retina_jax import evaluate
+from retina_jax import losses
+from retina_jax import matching
+from retina_jax import optim
+from retina_jax import sharding
+from retina_jax.data import pipeline
+from retina_jax.model import retinanet
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs; replicated on every device.
+
+  Attributes:
+    step: [] int32, completed steps (= batches consumed).
+    params: trainable and frozen parameters.
+    batch_stats: BatchNorm statistics (and frozen BatchNorm's affine).
+    opt_state: optax state.
+    normalizer: [] float32, detectron2's running #positives (loss.normalizer 'running').
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  normalizer: jax.Array
+
+
+def init_variables(config, model, rng):
+  """Model variables for the config's canvas, with pretrained weights when configured."""
+  h, w = config.data.canvas
+  variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, h, w, 3), jnp.float32), train=False))(rng)
+  variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+  if config.model.pretrained:
+    from retina_jax.model import torchvision_weights
+    if config.model.pretrained_kind == 'backbone':
+      variables = torchvision_weights.load_torchvision_backbone(config.model.pretrained, variables, config)
+    else:
+      variables = torchvision_weights.load_torchvision_retinanet(config.model.pretrained, variables, config)
+  return variables
+
+
+def create_train_state(config, model, mesh):
+  """A fresh state (step 0) replicated over the mesh, and the optimizer.
+
+  Returns:
+    (TrainState, optax.GradientTransformation).
+  """
+  variables = init_variables(config, model, jax.random.key(config.seed))
+  tx = optim.make_optimizer(config, retinanet.trainable_mask(variables['params'], config))
+  state = TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=variables['params'],
+      batch_stats=variables['batch_stats'],
+      opt_state=tx.init(variables['params']),
+      normalizer=jnp.asarray(config.loss.normalizer_init, jnp.float32))
+  return jax.device_put(state, sharding.replicated(mesh)), tx
+
+
+def compute_gradients(state, batch, anchors, *, model, config):
+  """Loss, metrics and gradients of one global batch.
+
+  Args:
+    state: TrainState.
+    batch: image [B, H, W, 3] float32, boxes [B, M, 4] float32, classes [B, M] int32.
+    anchors: [A, 4] float32.
+    model: the RetinaNet module.
+    config: the run config.
+  Returns:
+    (grads like state.params, metrics dict of scalars, new batch_stats, new normalizer).
+  """
+  m = config.matching
+  weights = tuple(config.box_coder.weights)
+  targets = matching.assign(
+      anchors, batch['boxes'], batch['classes'], fg_iou=m.fg_iou, bg_iou=m.bg_iou,
+      low_quality=m.low_quality, weights=weights)
+  normalizer = None
+  new_normalizer = state.normalizer
+  if config.loss.normalizer == 'running':
+    num_pos = jnp.sum(targets['labels'] == 1).astype(jnp.float32)
+    new_normalizer = losses.update_running_normalizer(
+        state.normalizer, jnp.maximum(num_pos, 1.0), config.loss.normalizer_momentum)
+    normalizer = new_normalizer
+  train_bn = not config.model.freeze_bn
+
+  def loss_fn(params):
+    variables = {'params': params, 'batch_stats': state.batch_stats}
+    if train_bn:
+      outputs, updates = model.apply(variables, batch['image'], train=True, mutable=['batch_stats'])
+      batch_stats = updates['batch_stats']
+    else:
+      outputs = model.apply(variables, batch['image'], train=True)
+      batch_stats = state.batch_stats
+    out = losses.retinanet_loss(outputs, targets, anchors, config.loss, weights=weights,
+                                normalizer=normalizer)
+    return out['loss'], (out, batch_stats)
+
+  grads, (out, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  metrics = {k: out[k] for k in ('loss', 'cls_loss', 'box_loss', 'num_pos')}
+  metrics['grad_norm'] = optax.tree.norm(grads)
+  return grads, metrics, batch_stats, new_normalizer
+
+
+def train_step(state, batch, anchors, *, model, tx, config):
+  """One SGD step on the global batch. Returns (new state, metrics)."""
+  grads, metrics, batch_stats, normalizer = compute_gradients(
+      state, batch, anchors, model=model, config=config)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics['lr'] = optim.learning_rate_schedule(config)(state.step)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state, normalizer=normalizer)
+  return new_state, metrics
+
+
+def make_train_step(config, model, tx, mesh):
+  """jit(train_step): state replicated and donated, batch split over 'data'."""
+  rep, split = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+
+  def step(state, batch, anchors):
+    return train_step(state, batch, anchors, model=model, tx=tx, config=config)
+
+  return jax.jit(step, in_shardings=(rep, split, rep), out_shardings=(rep, rep), donate_argnums=0)
+
+
+class MetricsWriter:
+  """Per-step scalars to TensorBoard and <workdir>/metrics.jsonl (process 0 only)."""
+
+  def __init__(self, workdir, active):
+    self.active = active
+    if active:
+      self.tb = tensorboard.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self.jsonl = tf.io.gfile.GFile(os.path.join(workdir, 'metrics.jsonl'), 'a')
+
+  def write(self, step, scalars):
+    if not self.active:
+      return
+    for k, v in scalars.items():
+      self.tb.scalar(f'train/{k}', v, step)
+    self.jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
+
+  def close(self):
+    if self.active:
+      self.tb.flush()
+      self.jsonl.close()
+
+
+class _StopSignal:
+  """Turns SIGTERM into a flag the loop checks, so the run saves before exiting."""
+
+  def __init__(self):
+    self.received = False
+    self._old = None
+    if threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.received = True
+
+  def any_process(self):
+    if jax.process_count() == 1:
+      return self.received
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(self.received))))
+
+  def restore(self):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _local_train_batches(config, start_step, stats):
+  """This process's batches from step `start_step` on (the consumed ones skipped)."""
+  it = pipeline.train_iterator(
+      config, process_index=jax.process_index(), process_count=jax.process_count(), stats=stats)
+  for _ in range(start_step):
+    next(it)
+  return it
+
+
+def train_and_evaluate(config, workdir):
+  """Trains per config (resuming from the latest checkpoint in workdir) and evaluates.
+
+  Returns:
+    The last evaluation's metrics (mode 'train_eval') or None (mode 'train').
+  """
+  mesh = sharding.make_mesh()
+  model = retinanet.build(config)
+  anchors = jax.device_put(anchors_lib.from_config(config), sharding.replicated(mesh))
+  state, tx = create_train_state(config, model, mesh)
+  manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
+  restored = checkpoint.restore(manager, state)
+  state = state if restored is None else restored
+  start = int(state.step)
+  total, _, _ = optim.scaled_steps(config)
+  step_fn = make_train_step(config, model, tx, mesh)
+  data_stats = pipeline.DataStats()
+  batches = _local_train_batches(config, start, data_stats)
+  lead = jax.process_index() == 0
+  writer = MetricsWriter(workdir, lead)
+  stop = _StopSignal()
+  result = None
+  bar = tqdm.tqdm(total=total, initial=start, disable=not lead, desc='train', dynamic_ncols=True)
+  tick = time.perf_counter()
+  try:
+    for step in range(start + 1, total + 1):
+      local = next(batches)
+      batch = sharding.global_batch({k: local[k] for k in ('image', 'boxes', 'classes')}, mesh)
+      new_state, metrics = step_fn(state, batch, anchors)
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not np.isfinite(metrics['loss']):
+        raise FloatingPointError(
+            f'non-finite loss {metrics["loss"]} at step {step}; the last good checkpoint '
+            f'(step {checkpoint.latest_step(manager)}) in {workdir} is kept')
+      state = new_state
+      now = time.perf_counter()
+      metrics['images_per_s'] = config.train.batch_size / max(now - tick, 1e-9)
+      tick = now
+      if step % config.train.log_every == 0 or step == total:
+        metrics.update({f'data/{k}': v for k, v in data_stats.as_dict().items()})
+        bar.set_postfix(loss=f'{metrics["loss"]:.4f}', pos=int(metrics['num_pos']),
+                        lr=f'{metrics["lr"]:.2g}')
+      writer.write(step, metrics)
+      bar.update(1)
+      stopping = stop.any_process()
+      if step % config.train.checkpoint_every == 0 or step == total or stopping:
+        checkpoint.save(manager, step, state)
+      if stopping:
+        bar.write(f'SIGTERM: saved step {step} in {workdir}, exiting')
+        break
+      every = config.train.eval_every
+      if config.mode == 'train_eval' and ((every and step % every == 0) or step == total):
+        result = evaluate.evaluate(config, model, _variables(state), mesh, step, workdir)
+  finally:
+    bar.close()
+    writer.close()
+    stop.restore()
+    checkpoint.wait(manager)
+    manager.close()
+  if config.mode == 'train_eval' and result is None and start == total:
+    result = evaluate.evaluate(config, model, _variables(state), mesh, total, workdir)
+  return result
+
+
+def _variables(state):
+  return {'params': state.params, 'batch_stats': state.batch_stats}

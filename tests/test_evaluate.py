@@ -1,0 +1,79 @@
+"""Detections -> COCO rows (scale, clipping, category ids) and COCO metrics edge cases."""
+
+import numpy as np
+from pycocotools import coco as coco_api
+
+from retina_jax import evaluate
+from retina_jax import visualize
+
+
+def _ground_truth():
+  gt = coco_api.COCO()
+  gt.dataset = {
+      'images': [{'id': 5, 'height': 100, 'width': 200}, {'id': 9, 'height': 50, 'width': 50}],
+      'annotations': [
+          {'id': 1, 'image_id': 5, 'category_id': 3, 'bbox': [10.0, 20.0, 40.0, 30.0], 'area': 1200.0,
+           'iscrowd': 0},
+          {'id': 2, 'image_id': 9, 'category_id': 7, 'bbox': [5.0, 5.0, 30.0, 30.0], 'area': 900.0,
+           'iscrowd': 0},
+      ],
+      'categories': [{'id': 3, 'name': 'a'}, {'id': 7, 'name': 'b'}],
+  }
+  gt.createIndex()
+  return gt
+
+
+def _detections(scale):
+  """Canvas-pixel detections matching _ground_truth() exactly after dividing by `scale`."""
+  boxes = np.zeros((3, 2, 4), np.float32)
+  boxes[0, 0] = np.array([10, 20, 50, 50]) * scale
+  boxes[1, 0] = np.array([5, 5, 35, 35]) * scale
+  boxes[1, 1] = np.array([-10, -10, 500, 500])  # clipped to the original 50 x 50
+  return {
+      'boxes': boxes,
+      'scores': np.array([[0.9, 0.0], [0.8, 0.1], [0.7, 0.0]], np.float32),
+      'classes': np.array([[0, -1], [1, 1], [0, -1]], np.int32),
+      'valid': np.array([[True, False], [True, True], [True, False]]),
+  }
+
+
+def _meta(scale):
+  return {'image_id': np.array([5, 9, 5]), 'scale': np.full(3, scale, np.float32),
+          'orig_hw': np.array([[100, 200], [50, 50], [100, 200]], np.float32),
+          'valid': np.array([True, True, False])}  # the third image is batch padding
+
+
+def test_rows_undo_the_resize_clip_and_map_category_ids():
+  rows = evaluate.to_coco_rows(_detections(2.0), _meta(2.0), category_ids=[3, 7])
+  # Padding image and invalid detections are dropped.
+  np.testing.assert_allclose(rows, [
+      [5, 10, 20, 40, 30, 0.9, 3],
+      [9, 5, 5, 30, 30, 0.8, 7],
+      [9, 0, 0, 50, 50, 0.1, 7],
+  ], rtol=1e-6)
+
+
+def test_perfect_detections_score_ap_one():
+  rows = evaluate.to_coco_rows(_detections(0.5), _meta(0.5), category_ids=[3, 7])
+  metrics = evaluate.coco_metrics(_ground_truth(), rows, [5, 9], verbose=False)
+  np.testing.assert_allclose(metrics['AP'], 1.0)
+  np.testing.assert_allclose(metrics['AP50'], 1.0)
+  assert metrics['APl'] == 0.0  # no large objects: COCOeval's -1 is reported as 0
+  assert '| ' in evaluate.format_table(metrics, 3)
+
+
+def test_zero_detections_give_zero_ap():
+  metrics = evaluate.coco_metrics(_ground_truth(), np.zeros((0, 7)), [5, 9])
+  assert metrics == {k: 0.0 for k in evaluate.METRICS}
+
+
+def test_picture_is_written(tmp_path):
+  image = np.random.default_rng(0).normal(size=(64, 64, 3)).astype(np.float32)
+  ex = {'image': image, 'image_hw': np.array([60, 50]), 'boxes': np.array([[4, 4, 30, 40.0]]),
+        'scores': np.array([0.9]), 'classes': np.array([1])}
+  path = str(tmp_path / 'detections.png')
+  visualize.save_detections(path, [ex, ex], ['a', 'b'], (123.7, 116.3, 103.5), (58.4, 57.1, 57.4))
+  with open(path, 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  shown = visualize.denormalize(image, (1.0, 2.0, 3.0), (2.0, 2.0, 2.0))
+  assert shown.min() >= 0.0 and shown.max() <= 1.0
