@@ -20,6 +20,8 @@ def make_manager(workdir, keep):
     raise ValueError(f'train.keep_checkpoints must be >= 1, got {keep}')
   # Synchronous: a save is on disk when save() returns, so SIGTERM and error paths need no waiting.
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+  if '://' not in workdir:
+    workdir = os.path.abspath(workdir)  # orbax refuses relative paths
   return ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), options=options)
 
 
