@@ -47,8 +47,9 @@ def spearman(a, b):
 
 
 def _cell(paper, ours, key):
+  # Two decimals for ours: toy-scale APs of a few percent differ in the second.
   p = f'{paper[key]:.1f}' if key in paper else '-'
-  o = f'{ours[key]:.1f}' if ours and key in ours and np.isfinite(ours[key]) else '-'
+  o = f'{ours[key]:.2f}' if ours and key in ours and np.isfinite(ours[key]) else '-'
   return f'{p} / {o}'
 
 

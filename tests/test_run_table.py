@@ -71,7 +71,7 @@ def test_results_file_and_plot_from_fake_metrics_keep_notes(tmp_path):
   text = open(md).read()
   for row in names:
     assert f'| {row} |' in text
-  assert ('| gamma_2 | 34.0 / 35.0 | 52.5 / 55.0 | 36.5 / 30.0 | `row=gamma_2,dataset=shapes,schedule=1` | 100 |'
+  assert ('| gamma_2 | 34.0 / 35.00 | 52.5 / 55.00 | 36.5 / 30.00 | `row=gamma_2,dataset=shapes,schedule=1` | 100 |'
           in text)
   assert 'not run' in text and 'cmd --x' in text and 'Spearman' in text
   assert 'best row by AP, paper: gamma_2, ours: gamma_2' in text
@@ -89,7 +89,7 @@ def test_table1e_plot_uses_time_per_image(tmp_path):
   results = run_table.collect(table1e_speed, names, 'shapes', 1.0, str(tmp_path))
   md, png = report.write('table1e_speed', table1e_speed, 'shapes', results, str(tmp_path), 'cmd')
   text = open(md).read()
-  assert '| r101_800 | 37.8 / 29.0 |' in text and '198.0 / 14.0' in text
+  assert '| r101_800 | 37.8 / 29.00 |' in text and '198.0 / 14.00' in text
   assert os.path.getsize(png) > 1000
 
 
@@ -118,7 +118,7 @@ def test_runner_trains_rows_in_turn_skips_done_ones_and_reports_failures(tmp_pat
   assert calls == ['gamma_2', 'gamma_5']
   assert 'gamma_1: already evaluated' in capsys.readouterr().out
   text = (tmp_path / 'results' / 'table1b_gamma_shapes.md').read_text()
-  assert '| gamma_2 | 34.0 / 50.0 |' in text and '| gamma_5 |' in text and 'failed' in text
+  assert '| gamma_2 | 34.0 / 50.00 |' in text and '| gamma_5 |' in text and 'failed' in text
 
 
 def test_figure4_samples_and_cumulative_share(tmp_path):
