@@ -59,3 +59,32 @@ def restore(manager, target, step=None):
         f'checkpoint step {step} not found in {manager.directory}; saved steps: {sorted(manager.all_steps())}')
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def restore_on_one_device(workdir, step=None):
+  """Reads a checkpoint as a plain pytree on the first local device, whatever mesh wrote it.
+
+  For analysis and tests (e.g. reading a pod's checkpoint on a laptop); training
+  and evaluation restore into their own state with `restore`.
+
+  Args:
+    workdir: the run directory (its checkpoints/ subdirectory is read).
+    step: the step to read; None or -1 for the latest.
+  Returns:
+    (step, pytree of jax.Array) with the saved structure (dicts for dataclasses).
+  """
+  manager = make_manager(workdir, 1)
+  steps = manager.all_steps()
+  manager.close()
+  if not steps:
+    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints')
+  step = max(steps) if step is None or step < 0 else step
+  if step not in steps:
+    raise FileNotFoundError(f'checkpoint step {step} not found in {workdir}; saved steps: {sorted(steps)}')
+  path = os.path.join(manager.directory, str(step), 'default')
+  checkpointer = ocp.StandardCheckpointer()
+  meta = checkpointer.metadata(path)
+  meta = getattr(meta, 'item_metadata', meta)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+  return step, checkpointer.restore(path, target)

@@ -27,14 +27,6 @@ def config(tmp_path_factory):
   return c
 
 
-def _final_params(workdir, config):
-  manager = checkpoint.make_manager(workdir, 1)
-  step = checkpoint.latest_step(manager)
-  raw = manager.restore(step)
-  manager.close()
-  return step, raw
-
-
 def _patch_iterator(monkeypatch, on_batch):
   """Wraps the real iterator; on_batch(i, batch) runs as batch i (1-based) is handed out."""
   real = pipeline.train_iterator
@@ -79,8 +71,8 @@ def test_sigterm_then_resume_equals_uninterrupted_run(config, tmp_path, monkeypa
   manager.close()
 
   train.train_and_evaluate(config, parts)  # resumes from 2, skipping the 2 consumed batches
-  step_full, a = _final_params(full, config)
-  step_parts, b = _final_params(parts, config)
+  step_full, a = checkpoint.restore_on_one_device(full)
+  step_parts, b = checkpoint.restore_on_one_device(parts)
   assert step_full == step_parts == 4
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
