@@ -95,7 +95,7 @@ def format_table(metrics, step):
   return f'step {step}\n| {head} |\n| {vals} |'
 
 
-def evaluate(config, model, variables, mesh, step, workdir):
+def evaluate(config, model, variables, mesh, step, workdir, predict=None):
   """Runs the eval split, writes eval_<step>.json and detections_<step>.png.
 
   Args:
@@ -105,10 +105,11 @@ def evaluate(config, model, variables, mesh, step, workdir):
     mesh: the ('data',) mesh.
     step: training step, for the file names.
     workdir: run directory.
+    predict: a make_predict_fn result to reuse (periodic evaluation compiles it once).
   Returns:
-    dict AP, AP50, AP75, APs, APm, APl (fractions in [0, 1]) plus step and images.
+    dict AP, AP50, AP75, APs, APm, APl (fractions in [0, 1]) plus step, images, detections.
   """
-  predict = make_predict_fn(config, model, mesh)
+  predict = predict or make_predict_fn(config, model, mesh)
   anchors = jax.device_put(anchors_lib.from_config(config), sharding.replicated(mesh))
   info = pipeline.dataset_info(config)
   rows, image_ids, shown = [], [], []

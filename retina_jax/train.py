@@ -165,12 +165,15 @@ class MetricsWriter:
       self.tb = tensorboard.SummaryWriter(os.path.join(workdir, 'tensorboard'))
       self.jsonl = tf.io.gfile.GFile(os.path.join(workdir, 'metrics.jsonl'), 'a')
 
-  def write(self, step, scalars):
+  def write(self, step, scalars, flush=False):
     if not self.active:
       return
     for k, v in scalars.items():
       self.tb.scalar(f'train/{k}', v, step)
     self.jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
+    if flush:
+      self.jsonl.flush()
+      self.tb.flush()
 
   def close(self):
     if self.active:
@@ -227,6 +230,7 @@ def train_and_evaluate(config, workdir):
   start = int(state.step)
   total, _, _ = optim.scaled_steps(config)
   step_fn = make_train_step(config, model, tx, mesh)
+  predict = evaluate.make_predict_fn(config, model, mesh)
   data_stats = pipeline.DataStats()
   batches = _local_train_batches(config, start, data_stats)
   lead = jax.process_index() == 0
@@ -249,11 +253,12 @@ def train_and_evaluate(config, workdir):
       now = time.perf_counter()
       metrics['images_per_s'] = config.train.batch_size / max(now - tick, 1e-9)
       tick = now
-      if step % config.train.log_every == 0 or step == total:
+      log = step % config.train.log_every == 0 or step == total
+      if log:
         metrics.update({f'data/{k}': v for k, v in data_stats.as_dict().items()})
         bar.set_postfix(loss=f'{metrics["loss"]:.4f}', pos=int(metrics['num_pos']),
                         lr=f'{metrics["lr"]:.2g}')
-      writer.write(step, metrics)
+      writer.write(step, metrics, flush=log)
       bar.update(1)
       stopping = stop.any_process()
       if step % config.train.checkpoint_every == 0 or step == total or stopping:
@@ -263,7 +268,7 @@ def train_and_evaluate(config, workdir):
         break
       every = config.train.eval_every
       if config.mode == 'train_eval' and ((every and step % every == 0) or step == total):
-        result = evaluate.evaluate(config, model, _variables(state), mesh, step, workdir)
+        result = evaluate.evaluate(config, model, _variables(state), mesh, step, workdir, predict)
   finally:
     bar.close()
     writer.close()
@@ -271,7 +276,7 @@ def train_and_evaluate(config, workdir):
     checkpoint.wait(manager)
     manager.close()
   if config.mode == 'train_eval' and result is None and start == total:
-    result = evaluate.evaluate(config, model, _variables(state), mesh, total, workdir)
+    result = evaluate.evaluate(config, model, _variables(state), mesh, total, workdir, predict)
   return result
 
 

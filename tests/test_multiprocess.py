@@ -27,7 +27,7 @@ _SCRIPT = r'''
 import sys
 import jax
 import numpy as np
-process_id, num_processes, port, workdir, data_dir = sys.argv[1:]
+process_id, num_processes, port, workdir, data_dir, mode = sys.argv[1:]
 process_id, num_processes = int(process_id), int(num_processes)
 if num_processes > 1:
   jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=num_processes,
@@ -38,7 +38,7 @@ from retina_jax.data import pipeline
 
 config = shapes.get_config('tiny')
 config.data.data_dir = data_dir
-config.mode = 'train_eval'
+config.mode = mode
 config.train.steps = 3
 
 def fixed_batches(config, *, process_index=0, process_count=1, stats=None):
@@ -55,7 +55,7 @@ def fixed_batches(config, *, process_index=0, process_count=1, stats=None):
 
 pipeline.train_iterator = fixed_batches
 metrics = train.train_and_evaluate(config, workdir)
-print('RESULT', process_id, jax.process_count(), jax.device_count(), metrics['images'])
+print('RESULT', process_id, jax.process_count(), jax.device_count(), metrics and metrics['images'])
 '''
 
 
@@ -65,12 +65,12 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch(num_processes, workdir, data_dir):
+def _launch(num_processes, workdir, data_dir, mode):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)  # one CPU device per process
   port = str(_free_port())
   procs = [subprocess.Popen([sys.executable, '-c', _SCRIPT, str(i), str(num_processes), port, workdir,
-                             data_dir], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             data_dir, mode], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for i in range(num_processes)]
   outs = []
   for p in procs:
@@ -86,9 +86,9 @@ def test_two_processes_equal_one_process(tmp_path):
   data_dir = str(tmp_path / 'tfds')
   shapes_data.builder(config.data.shapes, data_dir)  # built once, before the processes read it
   one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
-  r1 = _launch(1, one, data_dir)
-  r2 = _launch(2, two, data_dir)
-  assert r1 == [['RESULT', '0', '1', '1', '8']]
+  r1 = _launch(1, one, data_dir, 'train')
+  r2 = _launch(2, two, data_dir, 'train_eval')
+  assert r1 == [['RESULT', '0', '1', '1', 'None']]
   # Both processes see 2 processes and 2 devices, and evaluate all 8 images together.
   assert sorted(r2) == [['RESULT', '0', '2', '2', '8'], ['RESULT', '1', '2', '2', '8']]
 
