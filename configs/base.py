@@ -30,7 +30,9 @@ def get_config(arg=None):
   c.data.train_split = 'train'
   c.data.eval_split = 'validation'
   c.data.annotation_file = config_dict.placeholder(str)  # instances_val2017.json, optional
-  c.data.canvas = (1024, 1408)  # fixed padded (H, W), divisible by 128; fits 800/1333 after resize
+  # Fixed padded (H, W), divisible by 128 (P7's stride). Square, so that portrait images get
+  # the same 800/1333 scale as landscape ones instead of being shrunk to fit.
+  c.data.canvas = (1408, 1408)
   c.data.min_size = 800  # shorter side; sec. 5: 800 px for the final models, 600 for ablations
   c.data.max_size = 1333  # longer side cap (Detectron)
   c.data.scale_jitter = (1.0, 1.0)  # multiplies min_size at train time; sec. 5.2 uses jitter for Table 2
