@@ -30,11 +30,6 @@ def save(manager, step, state):
   manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
 
 
-def wait(manager):
-  """Blocks until pending writes are on disk (a no-op for synchronous managers, kept for safety)."""
-  manager.wait_until_finished()
-
-
 def latest_step(manager):
   """The newest saved step, or None when the directory has no checkpoint."""
   return manager.latest_step()

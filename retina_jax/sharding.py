@@ -54,21 +54,6 @@ def replicated(mesh):
   return NamedSharding(mesh, P())
 
 
-def check_batch_size(batch_size, mesh, key):
-  """Raises unless `batch_size` splits evenly over the mesh devices and the processes."""
-  devices = mesh.devices.size
-  processes = jax.process_count()
-  if batch_size % devices or batch_size % processes:
-    raise ValueError(
-        f'{key}={batch_size} must be divisible by the number of devices ({devices}) '
-        f'and processes ({processes})')
-
-
-def local_batch_size(batch_size):
-  """This process's share of a global batch."""
-  return batch_size // jax.process_count()
-
-
 def global_batch(local, mesh):
   """Process-local numpy arrays -> global jax.Arrays sharded over 'data'.
 

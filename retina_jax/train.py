@@ -29,6 +29,7 @@ import optax
 import tensorflow as tf
 import tqdm
 from flax.metrics import tensorboard
+from jax.experimental import multihost_utils
 
 from retina_jax import anchors as anchors_lib
 from retina_jax import checkpoint
@@ -110,6 +111,7 @@ def compute_gradients(state, batch, anchors, *, model, config):
   normalizer = None
   new_normalizer = state.normalizer
   if config.loss.normalizer == 'running':
+    # detectron2 feeds the average max(num_pos, 1): a batch without objects still counts once.
     num_pos = jnp.sum(targets['labels'] == 1).astype(jnp.float32)
     new_normalizer = losses.update_running_normalizer(
         state.normalizer, jnp.maximum(num_pos, 1.0), config.loss.normalizer_momentum)
@@ -197,7 +199,6 @@ class _StopSignal:
   def any_process(self):
     if jax.process_count() == 1:
       return self.received
-    from jax.experimental import multihost_utils
     return bool(np.any(multihost_utils.process_allgather(np.asarray(self.received))))
 
   def restore(self):
@@ -251,7 +252,7 @@ def train_and_evaluate(config, workdir):
             f'(step {checkpoint.latest_step(manager)}) in {workdir} is kept')
       state = new_state
       now = time.perf_counter()
-      metrics['images_per_s'] = config.train.batch_size / max(now - tick, 1e-9)
+      metrics['images_per_s'] = config.train.batch_size / (now - tick)
       tick = now
       log = step % config.train.log_every == 0 or step == total
       if log:
@@ -273,7 +274,6 @@ def train_and_evaluate(config, workdir):
     bar.close()
     writer.close()
     stop.restore()
-    checkpoint.wait(manager)
     manager.close()
   if config.mode == 'train_eval' and result is None and start == total:
     result = evaluate.evaluate(config, model, _variables(state), mesh, total, workdir, predict)

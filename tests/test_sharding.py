@@ -102,14 +102,6 @@ def test_mesh_and_global_batch_single_process():
   np.testing.assert_array_equal(np.asarray(batch['x']), np.arange(4 * n).reshape(2 * n, 2))
 
 
-def test_batch_size_must_split_over_devices():
-  mesh = sharding.make_mesh()
-  sharding.check_batch_size(jax.device_count() * 2, mesh, 'train.batch_size')
-  if jax.device_count() > 1:
-    with pytest.raises(ValueError, match='train.batch_size'):
-      sharding.check_batch_size(jax.device_count() + 1, mesh, 'train.batch_size')
-
-
 def test_distributed_arguments_all_or_none():
   with pytest.raises(ValueError, match='together'):
     sharding.initialize_distributed('127.0.0.1:1234', None, None)
