@@ -71,7 +71,7 @@ def markdown(name, module, dataset, results, command, plot_file, notes=''):
   done = [r for r in results if r['ours'] and np.isfinite(r['ours'].get('AP', np.nan))]
   scale = ("the paper's settings (configs/base.py and the table file)" if dataset == 'coco' else
            'the CPU toy scale of configs/rows.py `toy()` on the built-in synthetic set '
-           '(configs/shapes.py model and data, shortened schedule)')
+           '(the demo model of configs/shapes.py, trained from scratch on a short schedule)')
   lines = [
       f'# {name} on {dataset}: {title}', '',
       f'Written by experiments/run_table.py on {datetime.date.today().isoformat()}: `{command}`.',
