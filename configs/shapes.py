@@ -10,7 +10,10 @@ Loss, matching, box coding and post-processing keep the paper's settings.
   make demo
   python -m retina_jax.main --config configs/shapes.py --workdir runs/demo
 
-Dataset build + training + evaluation take about 10 minutes on 2 CPU cores.
+Measured (make demo, 2 shared CPU cores, dataset build included): COCO AP 52.4 /
+AP50 81.1 / AP75 61.4 on the 200 validation images after 1500 steps; 14 min wall
+with the machine's load around 6, 8.8 CPU-minutes; the train step alone takes
+0.28 s (57 images/s, experiments/bench_train.py), i.e. about 9 minutes unloaded.
 `configs/shapes.py:tiny` is the test-sized variant (ResNet-18 at width 8, 16-wide
 FPN and one-conv subnets, 32 training images, a few steps): it checks that the
 pipeline runs, not that it learns.

@@ -95,7 +95,7 @@ def main():
       config.model.dtype = dtype
       compile_s, step_s = bench(config, args.steps)
       b = config.train.batch_size
-      print(f'| {name} | {dtype} | {b} | {compile_s:.1f} | {step_s:.3f} | {b / step_s:.1f} |',
+      print(f'| {name} | {dtype} | {b} | {compile_s:.1f} | {step_s:.3f} | {b / step_s:.2f} |',
             flush=True)
 
 
