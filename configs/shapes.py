@@ -1,11 +1,12 @@
 """The CPU demo: a small RetinaNet trained from scratch on the built-in synthetic shapes.
 
-Derives from configs/base.py and changes only size: a ResNet-18 at a quarter of
+Derives from configs/base.py and changes the scale: a ResNet-18 at a quarter of
 the width, narrower FPN and subnets with GroupNorm (trained from scratch there is
 nothing pretrained to freeze, so BatchNorm trains and no stage is frozen), a
 128 x 128 canvas with anchors halved to fit (16..256 px on P3..P7), and a short
-schedule with the paper's shape (warm-up, two decays at 2/3 and 8/9 of it).
-Loss, matching, box coding and post-processing keep the paper's settings.
+schedule with the paper's shape (warm-up, two decays at 2/3 and 8/9 of it) at
+4x the paper's learning rate; synthetic images of 128 px with 10 objects at most,
+each at least 12 px. Loss, matching, box coding and post-processing keep the paper's settings.
 
   make demo
   python -m retina_jax.main --config configs/shapes.py --workdir runs/demo
