@@ -159,7 +159,8 @@ def run_row(config_path, module, row, dataset, schedule, workdir, *, measure_tim
   tick = time.time()
   with open(log, 'a') as f:
     returncode = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
-  record = {'command': shlex.join(cmd), 'hardware': hardware(), 'wall_s': round(time.time() - tick, 1),
+  record = {'command': shlex.join(cmd), 'config': config_arg(row, dataset, schedule),
+            'hardware': hardware(), 'wall_s': round(time.time() - tick, 1),
             'date': datetime.date.today().isoformat(), 'returncode': returncode}
   if returncode == 0 and measure_time:
     config = module.get_config(config_arg(row, dataset, schedule))
@@ -185,7 +186,8 @@ def collect(module, names, dataset, schedule, root):
     results.append({
         'row': row, 'paper': module.PAPER[row], 'ours': ours,
         'step': found[0] if found else None,
-        'config': config_arg(row, dataset, schedule), 'hardware': record.get('hardware', ''),
+        'config': record.get('config', config_arg(row, dataset, schedule)),
+        'hardware': record.get('hardware', ''),
         'date': record.get('date', ''), 'wall_s': record.get('wall_s'),
         'failed': bool(record) and record.get('returncode', 0) != 0,
     })
