@@ -242,6 +242,8 @@ def main(argv=None):
   command = f'python -m experiments.run_table {args.config} --dataset {args.dataset}'
   if args.schedule != 1.0:
     command += f' --schedule {args.schedule:g}'
+  if args.workdir_root != parser.get_default('workdir_root'):
+    command += f' --workdir-root {args.workdir_root}'
   results = collect(module, table_rows(module), args.dataset, args.schedule, root)
   md, png = report.write(name, module, args.dataset, results, args.results_dir, command)
   print(f'wrote {md} and {png}')
