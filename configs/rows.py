@@ -117,11 +117,12 @@ def toy():
 
 
 def resize(c, min_size, max_size):
-  """Sets the image scale and the smallest canvas (divisible by 128) that fits it.
+  """Sets the image scale and the smallest square canvas (divisible by 128) that fits it.
 
-  Like configs/base.py's canvas for 800 / 1333, the canvas is (min_size, max_size)
-  rounded up to multiples of 128: the pyramid's coarsest level has stride 128.
+  Square like configs/base.py's, so that portrait images keep the scale of landscape
+  ones instead of being shrunk to fit; 128 is the stride of the coarsest level (P7).
   """
   c.data.min_size = int(min_size)
   c.data.max_size = int(max_size)
-  c.data.canvas = (-(-int(min_size) // 128) * 128, -(-int(max_size) // 128) * 128)
+  side = -(-int(max_size) // 128) * 128
+  c.data.canvas = (side, side)

@@ -11,7 +11,7 @@ at 198 ms (R101, 800). Everything else is configs/base.py.
 At the toy scale (dataset=shapes) depth and scale are relative: R50 is the toy
 backbone and R101 the next deeper ResNet (rows.DEEPER); the toy's own image size
 stands for the ablations' 600 px, so scale s resizes the toy images by s / 600,
-on the smallest canvas (divisible by 128) that fits.
+on the smallest square canvas (divisible by 128) that fits.
 
   python -m retina_jax.main --config configs/table1e_speed.py:row=r50_600 \
       --workdir runs/table1e_speed/r50_600

@@ -60,7 +60,7 @@ def test_default_row_is_the_papers_best():
 def test_rows_set_what_their_table_varies():
   c = table1a_alpha_ce.get_config('row=alpha_0.999')
   assert (c.loss.gamma, c.loss.alpha, c.data.min_size, c.data.max_size) == (0.0, 0.999, 600, 1000)
-  assert tuple(c.data.canvas) == (640, 1024)
+  assert tuple(c.data.canvas) == (1024, 1024)
   c = table1b_gamma.get_config('row=gamma_0.5')
   assert (c.loss.cls, c.loss.gamma, c.loss.alpha) == ('focal', 0.5, 0.5)
   c = table1c_anchors.get_config('row=sc4_ar3')
@@ -80,7 +80,7 @@ def test_rows_set_what_their_table_varies():
 def test_table1e_scales_depth_and_size():
   c = table1e_speed.get_config('row=r101_400')
   assert (c.model.backbone, c.data.min_size, c.data.max_size) == ('resnet101', 400, 667)
-  assert tuple(c.data.canvas) == (512, 768)
+  assert tuple(c.data.canvas) == (768, 768)
   c = table1e_speed.get_config('row=r50_800')
   assert (c.model.backbone, c.data.min_size, c.data.max_size) == ('resnet50', 800, 1333)
   toy = rows.toy()
