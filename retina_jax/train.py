@@ -17,6 +17,7 @@ already consumed, so it sees exactly the batches of a run that never stopped.
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -238,7 +239,9 @@ def train_and_evaluate(config, workdir):
   writer = MetricsWriter(workdir, lead)
   stop = _StopSignal()
   result = None
-  bar = tqdm.tqdm(total=total, initial=start, disable=not lead, desc='train', dynamic_ncols=True)
+  # In a job log (no terminal) a redraw per step would flood the file: redraw every 30 s there.
+  bar = tqdm.tqdm(total=total, initial=start, disable=not lead, desc='train', dynamic_ncols=True,
+                  mininterval=0.1 if sys.stderr.isatty() else 30.0)
   tick = time.perf_counter()
   try:
     for step in range(start + 1, total + 1):
