@@ -85,13 +85,14 @@ def coco_metrics(coco_gt, rows, image_ids, verbose=True):
     e.summarize()
   if verbose:
     print(out.getvalue(), end='')
-  # COCOeval reports -1 where no ground truth exists (e.g. no small objects); that is no AP.
-  return {k: max(float(v), 0.0) for k, v in zip(METRICS, e.stats[:6])}
+  # COCOeval's -1 (no ground truth of that size, e.g. no large objects) is kept: 0 would
+  # read as a model that finds none of them. format_table prints it as '-'.
+  return {k: float(v) for k, v in zip(METRICS, e.stats[:6])}
 
 
 def format_table(metrics, step):
   head = ' | '.join(f'{k:>6}' for k in METRICS)
-  vals = ' | '.join(f'{100 * metrics[k]:6.2f}' for k in METRICS)
+  vals = ' | '.join(f'{100 * metrics[k]:6.2f}' if metrics[k] >= 0 else f'{"-":>6}' for k in METRICS)
   return f'step {step}\n| {head} |\n| {vals} |'
 
 
@@ -107,7 +108,8 @@ def evaluate(config, model, variables, mesh, step, workdir, predict=None):
     workdir: run directory.
     predict: a make_predict_fn result to reuse (periodic evaluation compiles it once).
   Returns:
-    dict AP, AP50, AP75, APs, APm, APl (fractions in [0, 1]) plus step, images, detections.
+    dict AP, AP50, AP75, APs, APm, APl (fractions in [0, 1], -1 where the eval split has no
+    object of that size, as COCOeval) plus step, images, detections.
   """
   predict = predict or make_predict_fn(config, model, mesh)
   anchors = jax.device_put(anchors_lib.from_config(config), sharding.replicated(mesh))

@@ -58,8 +58,9 @@ def test_perfect_detections_score_ap_one():
   metrics = evaluate.coco_metrics(_ground_truth(), rows, [5, 9], verbose=False)
   np.testing.assert_allclose(metrics['AP'], 1.0)
   np.testing.assert_allclose(metrics['AP50'], 1.0)
-  assert metrics['APl'] == 0.0  # no large objects: COCOeval's -1 is reported as 0
-  assert '| ' in evaluate.format_table(metrics, 3)
+  assert metrics['APl'] == -1.0  # no large objects: COCOeval's -1 is kept, not turned into 0
+  cells = [c.strip() for c in evaluate.format_table(metrics, 3).splitlines()[-1].strip('| ').split('|')]
+  assert cells[0] == '100.00' and cells[5] == '-'  # AP, then APl without large objects
 
 
 def test_zero_detections_give_zero_ap():
