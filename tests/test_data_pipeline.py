@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from configs import base
 from retina_jax import boxes as box_lib
@@ -158,3 +159,20 @@ def test_batch_size_must_split_over_processes(data_dir):
     config = _config(data_dir)
     config.model.num_classes = 3
     pipeline.train_iterator(config)
+  config = _config(data_dir)
+  config.model.num_classes = config.model.num_classes + 1  # an output no category id can score
+  with pytest.raises(ValueError, match='must equal'):
+    pipeline.eval_iterator(config)
+
+
+def test_scale_jitter_moves_the_shorter_side_only():
+  # A 100 x 400 image, shorter side 100 -> 50 by jitter 0.5: scale 0.5 puts the longer side at
+  # 200, inside the cap of 300. Jittering the cap too (300 -> 150) would give scale 0.375.
+  data = {'canvas': (128, 256), 'min_size': 100.0, 'max_size': 300.0, 'scale_jitter': (0.5, 0.5),
+          'flip': False, 'mean': (0.0, 0.0, 0.0), 'std': (1.0, 1.0, 1.0), 'max_boxes': 2}
+  ex = {'image': tf.zeros((100, 400, 3), tf.uint8), 'boxes': tf.constant([[0.0, 0.0, 400.0, 100.0]]),
+        'classes': tf.constant([1], tf.int32), 'is_crowd': tf.constant([False]),
+        'area': tf.constant([40000.0]), 'image_id': tf.constant(7, tf.int64)}
+  out = pipeline._prepare(ex, data, rand=tf.constant([0.9, 0.3]))
+  np.testing.assert_allclose(float(out['scale']), 0.5)
+  np.testing.assert_allclose(out['boxes'].numpy()[0], [0.0, 0.0, 200.0, 50.0], atol=1e-4)

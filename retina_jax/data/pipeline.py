@@ -97,8 +97,10 @@ def _check_config(config, batch_size, batch_key, process_index, process_count):
     raise ValueError(f'process_index {process_index} not in [0, process_count={process_count})')
   if batch_size % process_count or batch_size < process_count:
     raise ValueError(f'{batch_key}={batch_size} must be a positive multiple of the process count {process_count}')
-  if config.model.num_classes < info.num_classes:
-    raise ValueError(f'config.model.num_classes={config.model.num_classes} is smaller than the '
+  # Fewer outputs would drop classes; more would give detections that no category id can
+  # score. The torchvision loader maps its 91 outputs to the dataset's classes instead.
+  if config.model.num_classes != info.num_classes:
+    raise ValueError(f'config.model.num_classes={config.model.num_classes} must equal the '
                      f'{info.num_classes} classes of dataset {d.dataset!r}')
 
 
@@ -160,7 +162,8 @@ def _prepare(ex, data, rand=None):
                              lambda: (image, boxes))
     lo, hi = data['scale_jitter']
     jitter = lo + (hi - lo) * rand[1]
-  scale = augment.resize_scale(hw[0], hw[1], data['min_size'] * jitter, data['max_size'] * jitter,
+  # Jitter moves the shorter side only; the longer-side cap stays (Detectron's multi-scale training).
+  scale = augment.resize_scale(hw[0], hw[1], data['min_size'] * jitter, data['max_size'],
                                data['canvas'])
   image, boxes, new_hw = augment.resize(image, boxes, scale, data['canvas'])
   image = augment.pad_image(augment.normalize(image, data['mean'], data['std']), data['canvas'])
