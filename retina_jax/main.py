@@ -33,11 +33,6 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
 _ENUMS = {
     'mode': ('train', 'eval', 'train_eval'),
     'data.dataset': ('coco', 'shapes'),
-    'model.backbone': ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152',
-                       'resnext101_32x8d', 'resnext101_64x4d'),
-    'model.p6_from': ('c5', 'p5'),
-    'model.head_norm': ('none', 'group'),
-    'model.dtype': ('float32', 'bfloat16'),
     'model.pretrained_kind': ('backbone', 'retinanet'),
     'loss.cls': ('focal', 'ohem'),
     'loss.box': ('smooth_l1', 'l1', 'giou'),
@@ -52,8 +47,7 @@ _RANGES = {
     'data.shapes.num_val': (1, None), 'data.shapes.max_objects': (1, None),
     'data.shapes.min_object_size': (1, None),
     'anchors.scales_per_octave': (1, None), 'anchors.offset': (0.0, 1.0),
-    'model.backbone_width': (1, None), 'model.freeze_at': (0, 5), 'model.fpn_width': (1, None),
-    'model.head_width': (1, None), 'model.head_convs': (0, None), 'model.num_classes': (1, None),
+    'model.head_convs': (0, None),
     'matching.fg_iou': (0.0, 1.0), 'matching.bg_iou': (0.0, 1.0),
     'box_coder.clamp': (0.0, None),
     # loss.alpha: negative means no alpha weighting.
@@ -72,7 +66,7 @@ _RANGES = {
 }
 
 # Strictly positive (a zero would divide or produce an empty model).
-_POSITIVE = ('optim.base_lr', 'train.schedule', 'loss.normalizer_init', 'model.prior_prob')
+_POSITIVE = ('optim.base_lr', 'train.schedule', 'loss.normalizer_init')
 
 
 def _flat(config, prefix=''):
@@ -113,8 +107,6 @@ def validate(config, num_devices=1, num_processes=1):
   for key in _POSITIVE:
     if not flat[key] > 0:
       _fail(key, flat[key], 'must be > 0')
-  if flat['model.prior_prob'] >= 1:
-    _fail('model.prior_prob', flat['model.prior_prob'], 'must be in (0, 1)')
 
   canvas = tuple(flat['data.canvas'])
   if len(canvas) != 2 or any(not isinstance(s, int) or s <= 0 or s % 128 for s in canvas):
@@ -150,8 +142,11 @@ def validate(config, num_devices=1, num_processes=1):
   decays = list(flat['optim.decay_steps'])
   if decays != sorted(decays) or any(d < 0 for d in decays):
     _fail('optim.decay_steps', tuple(decays), 'must be increasing non-negative steps')
-  if flat['model.head_norm'] == 'group' and flat['model.head_width'] % 32:
-    _fail('model.head_width', flat['model.head_width'], 'must be divisible by 32 for GroupNorm heads')
+
+  # The model's keys (backbone names, widths, freeze_at, prior, norm, dtype) are checked
+  # where they are used, so a new backbone is added in one place.
+  from retina_jax.model import retinanet
+  retinanet.build(config)
 
   for key in ('train.batch_size', 'eval.batch_size'):
     if flat[key] % num_devices or flat[key] % num_processes:
