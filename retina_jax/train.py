@@ -9,6 +9,11 @@ splits the batch over the ('data',) mesh and replicates the state, so the
 number of positive anchors that normalizes the loss, trainable BatchNorm
 statistics and the gradient mean are all over the global batch.
 
+Host and device: the loop reads a step's metrics (and checks its loss) while the
+next step runs, and before every save or evaluation, so a non-finite state is never
+written. SIGTERM is checked at logged steps (a collective over processes), saves on
+every process and exits.
+
 Resuming: the data iterator is deterministic given config.seed and the process
 index; a resumed run rebuilds it and skips the `step` batches the checkpoint
 already consumed, so it sees exactly the batches of a run that never stopped.
@@ -159,27 +164,63 @@ def make_train_step(config, model, tx, mesh):
   return jax.jit(step, in_shardings=(rep, split, rep), out_shardings=(rep, rep), donate_argnums=0)
 
 
-class MetricsWriter:
-  """Per-step scalars to TensorBoard and <workdir>/metrics.jsonl (process 0 only)."""
+class Progress:
+  """Reads each step's metrics, checks the loss, and writes them (process 0 writes).
 
-  def __init__(self, workdir, active):
-    self.active = active
-    if active:
+  To the progress bar, TensorBoard and <workdir>/metrics.jsonl. A resumed run first
+  drops the lines after its checkpoint, which a killed run (no SIGTERM) had written.
+  """
+
+  def __init__(self, config, workdir, manager, start, data_stats, lead):
+    self.config, self.workdir, self.manager, self.data_stats = config, workdir, manager, data_stats
+    self.lead = lead
+    total, _, _ = optim.scaled_steps(config)
+    # In a job log (no terminal) a redraw per step would flood the file: redraw every 30 s there.
+    self.bar = tqdm.tqdm(total=total, initial=start, disable=not lead, desc='train', dynamic_ncols=True,
+                         mininterval=0.1 if sys.stderr.isatty() else 30.0)
+    self.tick = time.perf_counter()
+    if lead:
+      path = os.path.join(workdir, 'metrics.jsonl')
+      if start and tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path) as f:
+          kept = [line for line in f if json.loads(line)['step'] <= start]
+        with tf.io.gfile.GFile(path, 'w') as f:
+          f.write(''.join(kept))
       self.tb = tensorboard.SummaryWriter(os.path.join(workdir, 'tensorboard'))
-      self.jsonl = tf.io.gfile.GFile(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      self.jsonl = tf.io.gfile.GFile(path, 'a')
 
-  def write(self, step, scalars, flush=False):
-    if not self.active:
+  def record(self, step, metrics):
+    """Reads one step's metrics from the device (waiting for that step only).
+
+    Raises:
+      FloatingPointError: the loss is not finite; names the step and the checkpoint kept.
+    """
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not np.isfinite(metrics['loss']):
+      raise FloatingPointError(
+          f'non-finite loss {metrics["loss"]} at step {step}; the last good checkpoint '
+          f'(step {checkpoint.latest_step(self.manager)}) in {self.workdir} is kept')
+    now = time.perf_counter()
+    metrics['images_per_s'] = self.config.train.batch_size / (now - self.tick)
+    self.tick = now
+    log = step % self.config.train.log_every == 0 or step == self.bar.total
+    if log:
+      metrics.update({f'data/{k}': v for k, v in self.data_stats.as_dict().items()})
+      self.bar.set_postfix(loss=f'{metrics["loss"]:.4f}', pos=int(metrics['num_pos']),
+                           lr=f'{metrics["lr"]:.2g}')
+    self.bar.update(1)
+    if not self.lead:
       return
-    for k, v in scalars.items():
+    for k, v in metrics.items():
       self.tb.scalar(f'train/{k}', v, step)
-    self.jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
-    if flush:
+    self.jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
+    if log:
       self.jsonl.flush()
       self.tb.flush()
 
   def close(self):
-    if self.active:
+    self.bar.close()
+    if self.lead:
       self.tb.flush()
       self.jsonl.close()
 
@@ -235,47 +276,37 @@ def train_and_evaluate(config, workdir):
   predict = evaluate.make_predict_fn(config, model, mesh)
   data_stats = pipeline.DataStats()
   batches = _local_train_batches(config, start, data_stats)
-  lead = jax.process_index() == 0
-  writer = MetricsWriter(workdir, lead)
+  progress = Progress(config, workdir, manager, start, data_stats, jax.process_index() == 0)
   stop = _StopSignal()
   result = None
-  # In a job log (no terminal) a redraw per step would flood the file: redraw every 30 s there.
-  bar = tqdm.tqdm(total=total, initial=start, disable=not lead, desc='train', dynamic_ncols=True,
-                  mininterval=0.1 if sys.stderr.isatty() else 30.0)
-  tick = time.perf_counter()
+  pending = None  # (step, its metrics still on the device)
   try:
     for step in range(start + 1, total + 1):
       local = next(batches)
       batch = sharding.global_batch({k: local[k] for k in ('image', 'boxes', 'classes')}, mesh)
-      new_state, metrics = step_fn(state, batch, anchors)
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not np.isfinite(metrics['loss']):
-        raise FloatingPointError(
-            f'non-finite loss {metrics["loss"]} at step {step}; the last good checkpoint '
-            f'(step {checkpoint.latest_step(manager)}) in {workdir} is kept')
-      state = new_state
-      now = time.perf_counter()
-      metrics['images_per_s'] = config.train.batch_size / (now - tick)
-      tick = now
-      log = step % config.train.log_every == 0 or step == total
-      if log:
-        metrics.update({f'data/{k}': v for k, v in data_stats.as_dict().items()})
-        bar.set_postfix(loss=f'{metrics["loss"]:.4f}', pos=int(metrics['num_pos']),
-                        lr=f'{metrics["lr"]:.2g}')
-      writer.write(step, metrics, flush=log)
-      bar.update(1)
-      stopping = stop.any_process()
-      if step % config.train.checkpoint_every == 0 or step == total or stopping:
+      state, metrics = step_fn(state, batch, anchors)
+      # The previous step's metrics are read only now, with this step already queued
+      # behind it, so the device does not wait for the host between steps.
+      if pending is not None:
+        progress.record(*pending)
+      pending = (step, metrics)
+      # One collective among processes: checked at logged steps only.
+      stopping = step % config.train.log_every == 0 and stop.any_process()
+      every = config.train.eval_every
+      evaluating = config.mode == 'train_eval' and ((every and step % every == 0) or step == total)
+      saving = step % config.train.checkpoint_every == 0 or step == total or stopping
+      if saving or evaluating:
+        progress.record(*pending)  # a state is saved or evaluated only after its loss is checked
+        pending = None
+      if saving:
         checkpoint.save(manager, step, state)
       if stopping:
-        bar.write(f'SIGTERM: saved step {step} in {workdir}, exiting')
+        progress.bar.write(f'SIGTERM: saved step {step} in {workdir}, exiting')
         break
-      every = config.train.eval_every
-      if config.mode == 'train_eval' and ((every and step % every == 0) or step == total):
+      if evaluating:
         result = evaluate.evaluate(config, model, _variables(state), mesh, step, workdir, predict)
   finally:
-    bar.close()
-    writer.close()
+    progress.close()
     stop.restore()
     manager.close()
   if config.mode == 'train_eval' and result is None and start == total:

@@ -80,3 +80,24 @@ def test_sigterm_then_resume_equals_uninterrupted_run(config, tmp_path, monkeypa
   with open(os.path.join(parts, 'metrics.jsonl')) as f:
     steps = [json.loads(line)['step'] for line in f]
   assert steps == [1, 2, 3, 4]  # the failed step 3 wrote nothing
+
+
+def test_resume_drops_metrics_written_after_the_checkpoint(config, tmp_path):
+  # A run killed without SIGTERM leaves metrics.jsonl lines for steps its checkpoint lacks.
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text(''.join(json.dumps({'step': s, 'loss': 1.0}) + '\n' for s in (1, 2, 3, 4, 5)))
+  progress = train.Progress(config, str(tmp_path), None, 3, pipeline.DataStats(), True)
+  progress.record(4, {'loss': np.float32(0.5), 'num_pos': np.float32(7), 'lr': np.float32(0.1)})
+  progress.close()
+  with open(path) as f:
+    steps = [json.loads(line)['step'] for line in f]
+  assert steps == [1, 2, 3, 4]
+
+
+def test_non_finite_loss_names_the_step(config, tmp_path):
+  manager = checkpoint.make_manager(str(tmp_path), 1)
+  progress = train.Progress(config, str(tmp_path), manager, 0, pipeline.DataStats(), False)
+  with pytest.raises(FloatingPointError, match='at step 7; the last good checkpoint'):
+    progress.record(7, {'loss': np.float32(np.inf), 'num_pos': np.float32(0), 'lr': np.float32(0.1)})
+  progress.close()
+  manager.close()
