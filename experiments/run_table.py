@@ -15,7 +15,8 @@ workdirs. Then experiments/results/<table>_<d>.md gets the paper's numbers besid
 ours and <table>_<d>.png the table's trend; a '## Notes' section written by hand
 in the results file is kept when the file is rewritten. For Table 1e the runner
 also times inference (model + post-processing, jitted, after warm-up) per image
-on its own device.
+on its own device, after each row trains; --retime times every trained row again
+in one pass, for when other jobs shared the device while the rows trained.
 """
 
 import argparse
@@ -202,6 +203,9 @@ def main(argv=None):
   parser.add_argument('--rows', default='', help='comma-separated row names (default: all)')
   parser.add_argument('--dry-run', action='store_true', help='print one command per row, run nothing')
   parser.add_argument('--force', action='store_true', help='rerun rows that already have an evaluation')
+  parser.add_argument('--retime', action='store_true',
+                      help='Table 1e: time every trained row again, one after the other, and keep '
+                           'these times (for a machine that was shared while the rows trained)')
   parser.add_argument('--workdir-root', default='runs/tables')
   parser.add_argument('--results-dir', default=RESULTS_DIR)
   args = parser.parse_args(argv)
@@ -214,6 +218,8 @@ def main(argv=None):
     if unknown:
       parser.error(f'--rows: unknown rows {unknown} of {name}; rows: {", ".join(names)}')
     names = [r for r in names if r in chosen]
+  if args.retime and module is not table1e_speed:
+    parser.error('--retime: only Table 1e (configs/table1e_speed.py) measures time')
   if not args.schedule > 0:
     parser.error(f'--schedule must be > 0, got {args.schedule}')
   # orbax needs absolute checkpoint paths.
@@ -239,6 +245,20 @@ def main(argv=None):
     else:
       print(f'  AP {report.percent_metrics(found[1])["AP"]:.1f} after {found[0]} steps, '
             f'{record["wall_s"]:.0f} s', flush=True)
+  if args.retime:
+    for row in names:
+      workdir = os.path.join(root, row)
+      if row in failed or latest_eval(workdir) is None:
+        continue
+      path = os.path.join(workdir, _RECORD)
+      with open(path) as f:
+        record = json.load(f)
+      config = module.get_config(config_arg(row, args.dataset, args.schedule))
+      record['time_ms'] = time_per_image(config, workdir)
+      record['timed'] = datetime.date.today().isoformat()
+      with open(path, 'w') as f:
+        json.dump(record, f, indent=2)
+      print(f'{row}: {record["time_ms"]:.2f} ms per image', flush=True)
   command = f'python -m experiments.run_table {args.config} --dataset {args.dataset}'
   if args.schedule != 1.0:
     command += f' --schedule {args.schedule:g}'

@@ -93,6 +93,27 @@ def test_table1e_plot_uses_time_per_image(tmp_path):
   assert os.path.getsize(png) > 1000
 
 
+def test_retime_measures_trained_rows_again_and_only_for_table1e(tmp_path, monkeypatch, capsys):
+  root = tmp_path / 'runs' / 'table1e_speed_shapes'
+  _fake_row(root / 'r50_400', 0.2, time_ms=50.0)  # timed while the machine was shared
+  timed = []
+
+  def fake_time(config, workdir):
+    timed.append((os.path.basename(workdir), config.model.backbone))
+    return 4.0
+
+  monkeypatch.setattr(run_table, 'time_per_image', fake_time)
+  args = ['configs/table1e_speed.py', '--dataset', 'shapes', '--rows', 'r50_400', '--retime',
+          '--workdir-root', str(tmp_path / 'runs'), '--results-dir', str(tmp_path / 'results')]
+  assert run_table.main(args) == 0
+  assert timed == [('r50_400', table1e_speed.get_config('row=r50_400,dataset=shapes').model.backbone)]
+  assert json.load(open(root / 'r50_400' / 'run_table.json'))['time_ms'] == 4.0
+  assert '64.0 / 4.00' in (tmp_path / 'results' / 'table1e_speed_shapes.md').read_text()
+  with pytest.raises(SystemExit):
+    run_table.main(['configs/table1b_gamma.py', '--dataset', 'shapes', '--retime'])
+  assert 'only Table 1e' in capsys.readouterr().err
+
+
 def test_spearman():
   assert report.spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
   assert report.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
