@@ -98,8 +98,8 @@ def toy():
   the demo's learning rate, 0.04 per 16 images (0.02 at 8). That is long enough for
   the best rows to reach 30-45 AP on the synthetic validation set, so rows are ranked
   by what they learned rather than by noise (a quarter of it, as first used, left every
-  AP near 1). A row takes ~2.5 minutes of this machine's 2 CPU cores (~5 minutes
-  when two rows share them), compiling and evaluating included.
+  AP near 1). A row took 5.5-8 minutes of wall time with two rows sharing this
+  machine's 2 CPU cores, compiling and evaluating included.
   """
   c = shapes.get_config()
   c.train.batch_size = 8
