@@ -11,6 +11,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from retina_jax.model import conv
+
 # Detectron's XavierFill / torchvision's kaiming_uniform_(a=1): uniform with variance 1 / fan_in.
 _fpn_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'uniform')
 
@@ -40,7 +42,7 @@ class FPN(nn.Module):
     return nn.Conv(
         self.width, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
         kernel_init=_fpn_init, bias_init=nn.initializers.zeros, dtype=self.dtype,
-        param_dtype=jnp.float32, name=name)
+        param_dtype=jnp.float32, conv_general_dilated=conv.conv_general_dilated, name=name)
 
   @nn.compact
   def __call__(self, c3, c4, c5):

@@ -14,6 +14,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from retina_jax.model import conv
+
 _head_init = nn.initializers.normal(stddev=0.01)
 
 
@@ -29,7 +31,8 @@ class Subnet(nn.Module):
   def _conv(self, features, use_bias, bias, name):
     return nn.Conv(
         features, (3, 3), padding=((1, 1), (1, 1)), use_bias=use_bias, kernel_init=_head_init,
-        bias_init=nn.initializers.constant(bias), dtype=self.dtype, param_dtype=jnp.float32, name=name)
+        bias_init=nn.initializers.constant(bias), dtype=self.dtype, param_dtype=jnp.float32,
+        conv_general_dilated=conv.conv_general_dilated, name=name)
 
   @nn.compact
   def __call__(self, x):

@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from retina_jax.model import conv
+
 BN_EPS = 1e-5  # torchvision BatchNorm2d and FrozenBatchNorm2d
 # torchvision's kaiming_normal_(mode='fan_out', nonlinearity='relu') for backbone convs.
 _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -93,7 +95,7 @@ def _conv(features, kernel, stride, dtype, name, groups=1):
   return nn.Conv(
       features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
       feature_group_count=groups, use_bias=False, kernel_init=_conv_init, dtype=dtype,
-      param_dtype=jnp.float32, name=name)
+      param_dtype=jnp.float32, conv_general_dilated=conv.conv_general_dilated, name=name)
 
 
 class Block(nn.Module):

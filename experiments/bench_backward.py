@@ -1,0 +1,140 @@
+r"""Where a CPU train step's time goes: the convolutions' gradients, the network, the whole step.
+
+  python -m experiments.bench_backward                       # per-conv table + R50-FPN 2 x 512 x 640
+  python -m experiments.bench_backward --skip-network        # the per-conv table only (a minute)
+
+Prints, in one run and for both kernel-gradient paths of retina_jax/model/conv.py
+('xla': XLA's own convolution gradient; 'matmul': the CPU path the package uses):
+  1. single convolutions (batch 2, NHWC): forward, gradient wrt the input, gradient
+     wrt the kernel;
+  2. R50-FPN RetinaNet, 80 classes, 2 images of 512 x 640 (the paper's model,
+     freeze_at 2, frozen BatchNorm), then the demo's model and batch: forward,
+     forward + backward of the network alone (gradient of a stand-in scalar), the
+     full train step (matching, focal + smooth L1 loss, backward, SGD;
+     experiments/bench_train.py's step), each as a multiple of the forward, and
+     the rest of the step (matching, loss, optimizer update, host overhead) as the
+     difference between the last two.
+Times are medians of --repeats calls after one warm-up call; compile time apart.
+"""
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from configs import base
+from configs import shapes
+from experiments import bench_train
+from retina_jax.model import conv
+from retina_jax.model import retinanet
+
+# (kernel, C_in, C_out, H = W, stride, groups): the issue's three, a stride-2 3x3, the stride-2 1x1
+# downsample, a ResNeXt grouped 3x3, the head's classification output and the 7x7 stem.
+CONVS = [(3, 256, 256, 64, 1, 1), (3, 64, 64, 128, 1, 1), (1, 256, 1024, 32, 1, 1),
+         (3, 128, 128, 64, 2, 1), (1, 256, 512, 64, 2, 1), (3, 256, 256, 32, 1, 32),
+         (3, 256, 720, 64, 1, 1), (7, 3, 64, 256, 2, 1)]
+
+
+def _median_s(fn, *args, repeats):
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _with_path(path, build):
+  """Traces `build()` with the kernel-gradient path `path` ('xla' or 'matmul')."""
+  conv.matmul_kernel_grad_on_cpu = path == 'matmul'
+  try:
+    return build()
+  finally:
+    conv.matmul_kernel_grad_on_cpu = True
+
+
+def conv_table(repeats):
+  print('| conv | forward ms | grad input ms | grad kernel: xla ms | grad kernel: matmul ms | xla / matmul | '
+        'used on CPU |')
+  print('|---|---|---|---|---|---|---|')
+  for k, cin, cout, hw, stride, groups in CONVS:
+    pad = ((k // 2, k // 2),) * 2
+    key = jax.random.key(0)
+    x = jax.random.normal(key, (2, hw, hw, cin))
+    kernel = jax.random.normal(key, (k, k, cin // groups, cout)) * 0.01
+    f = lambda x, w: conv.conv_general_dilated(
+        x, w, (stride, stride), pad, dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
+    dy = jax.random.normal(key, jax.eval_shape(f, x, kernel).shape)
+    grad_x = jax.jit(lambda x, w, dy: jax.vjp(lambda x: f(x, w), x)[1](dy)[0])
+    grad_w_xla = _with_path('xla', lambda: jax.jit(
+        lambda x, w, dy: jax.vjp(lambda w: f(x, w), w)[1](dy)[0]).lower(x, kernel, dy).compile())
+    # The formulation itself, whether or not matmul_is_faster picks it for this kernel.
+    grad_w_matmul = jax.jit(lambda x, dy: conv.kernel_grad_matmul(
+        x, dy, kernel.shape, (stride, stride), pad, groups))
+    ms = lambda fn, *a: 1000 * _median_s(fn, *a, repeats=repeats)
+    fwd, gx = ms(jax.jit(f), x, kernel), ms(grad_x, x, kernel, dy)
+    gw_xla, gw_mm = ms(grad_w_xla, x, kernel, dy), ms(grad_w_matmul, x, dy)
+    used = 'matmul' if conv.matmul_is_faster(kernel.shape, groups) else 'xla'
+    name = f'{k}x{k} {cin}->{cout} at {hw}x{hw}' + (f' /{stride}' if stride > 1 else '') + (
+        f' g{groups}' if groups > 1 else '')
+    print(f'| {name} | {fwd:.0f} | {gx:.0f} | {gw_xla:.0f} | {gw_mm:.0f} | {gw_xla / gw_mm:.1f} | {used} |',
+          flush=True)
+
+
+def network(path, config, repeats):
+  """(forward s, forward + backward s, full step s) of config's model on its random batch."""
+  model = retinanet.build(config)
+  batch = bench_train.random_batch(config, 0)
+  images = jnp.asarray(batch['image'])
+  variables = jax.jit(model.init)(jax.random.key(0, impl='rbg'), images[:1])
+
+  def objective(params, stats, x):
+    variables = {'params': params, 'batch_stats': stats}
+    if config.model.freeze_bn:
+      out = model.apply(variables, x, train=True)
+    else:
+      out, _ = model.apply(variables, x, train=True, mutable=['batch_stats'])
+    return jnp.mean(out['logits'] ** 2) + jnp.mean(out['deltas'] ** 2)
+
+  forward = jax.jit(model.apply).lower(variables, images).compile()
+  backward = _with_path(path, lambda: jax.jit(jax.grad(objective)).lower(
+      variables['params'], variables['batch_stats'], images).compile())
+  fwd = _median_s(forward, variables, images, repeats=repeats)
+  bwd = _median_s(backward, variables['params'], variables['batch_stats'], images, repeats=repeats)
+  _, step = _with_path(path, lambda: bench_train.bench(config, repeats))
+  return fwd, bwd, step
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--canvas', type=int, nargs=2, default=(512, 640))
+  parser.add_argument('--batch', type=int, default=2)
+  parser.add_argument('--skip-network', action='store_true')
+  args = parser.parse_args()
+  device = jax.devices()[0]
+  print(f'{jax.device_count()} x {device.platform} ({device.device_kind}), jax {jax.__version__}')
+  conv_table(args.repeats)
+  if args.skip_network:
+    return
+  r50 = base.get_config()
+  r50.data.canvas = tuple(args.canvas)
+  r50.train.batch_size = args.batch
+  h, w = args.canvas
+  cases = [(f'R50-FPN, {args.batch} x {h} x {w}, 80 classes', r50),
+           ('the demo (configs/shapes.py), 16 x 128 x 128', shapes.get_config())]
+  for title, config in cases:
+    print(f'\n{title}, float32 (seconds per call, median of {args.repeats}; x = multiple of the forward)')
+    print('| kernel gradient | forward | forward + backward | full train step | rest of the step |')
+    print('|---|---|---|---|---|')
+    for path in ('xla', 'matmul'):
+      fwd, bwd, step = network(path, config, args.repeats)
+      print(f'| {path} | {fwd:.3f} | {bwd:.3f} ({bwd / fwd:.2f}x) | {step:.3f} ({step / fwd:.2f}x) | '
+            f'{step - bwd:.3f} |', flush=True)
+
+
+if __name__ == '__main__':
+  main()

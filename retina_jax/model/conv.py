@@ -1,0 +1,135 @@
+"""The network's convolution: XLA's forward, and a faster kernel gradient on CPU.
+
+XLA's CPU backend computes a convolution's kernel gradient (a correlation of the
+input with the output gradient, whose "window" is the whole feature map) up to
+20x slower than the forward convolution of the same size; on GPU and TPU it is
+fine. The kernel gradient is a sum over output positions of (input patch)^T @
+(output gradient), so on CPU it is computed here as one matrix product per kernel
+tap (k*k products of [P, C_in]^T @ [P, C_out], P = B * H_out * W_out), which runs
+at the speed of Eigen's matrix multiply, for the kernels where that measured
+faster (`matmul_is_faster`). The forward pass and the input gradient are XLA's
+own, unchanged, and every other backend keeps XLA's kernel gradient: the choice is
+made when the step is compiled, per platform (`lax.platform_dependent`), so nothing
+needs configuring. experiments/bench_backward.py times both paths side by side.
+
+Use: `nn.Conv(..., conv_general_dilated=conv.conv_general_dilated)`, a drop-in for
+`lax.conv_general_dilated` with the same parameters and forward numbers.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+# Read when a gradient is traced. Only experiments/bench_backward.py turns it off, to time XLA's own
+# CPU kernel gradient beside this one in the same process.
+matmul_kernel_grad_on_cpu = True
+
+
+def _lax_conv(x, kernel, strides, padding, groups):
+  return lax.conv_general_dilated(
+      x, kernel, strides, padding, dimension_numbers=_NHWC, feature_group_count=groups)
+
+
+def kernel_grad_matmul(x, dy, kernel_shape, strides, padding, groups):
+  """Kernel gradient of an NHWC convolution as k_h * k_w matrix products.
+
+  Args:
+    x: [B, H, W, C_in] the convolution's input.
+    dy: [B, H_out, W_out, C_out] the gradient of its output.
+    kernel_shape: (k_h, k_w, C_in / groups, C_out).
+    strides: (s_h, s_w).
+    padding: ((lo_h, hi_h), (lo_w, hi_w)), as given to the convolution.
+    groups: feature_group_count.
+  Returns:
+    [k_h, k_w, C_in / groups, C_out] in the kernel's dtype, what XLA's gradient gives.
+  """
+  kh, kw, cig, co = kernel_shape
+  b, ho, wo, _ = dy.shape
+  (lo_h, hi_h), (lo_w, hi_w) = padding
+  # lax.pad takes negative padding too, so any padding the convolution accepts works here.
+  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (lo_h, hi_h, 0), (lo_w, hi_w, 0), (0, 0, 0)))
+  dy = dy.reshape(b * ho * wo, groups, co // groups)  # [P, G, C_out / G]
+  taps = []
+  for i in range(kh):
+    for j in range(kw):
+      # Input pixels that tap (i, j) of the kernel sees at every output position.
+      patch = lax.slice(
+          xp, (0, i, j, 0), (b, i + (ho - 1) * strides[0] + 1, j + (wo - 1) * strides[1] + 1, xp.shape[3]),
+          (1, strides[0], strides[1], 1))  # [B, H_out, W_out, C_in]
+      patch = patch.reshape(b * ho * wo, groups, cig)  # [P, G, C_in / G]
+      taps.append(lax.dot_general(
+          patch, dy, (((0,), (0,)), ((1,), (1,))), preferred_element_type=jnp.float32))  # [G, C_in/G, C_out/G]
+  grad = jnp.stack(taps).reshape(kh, kw, groups, cig, co // groups)
+  # HWIO of a grouped convolution: output channel g * (C_out / G) + o belongs to group g.
+  return grad.transpose(0, 1, 3, 2, 4).reshape(kernel_shape)
+
+
+def matmul_is_faster(kernel_shape, groups):
+  """Whether `kernel_grad_matmul` beats XLA's CPU kernel gradient for this kernel.
+
+  Measured per layer of R50-FPN and of the demo (experiments/bench_backward.py):
+  a 1x1 kernel is one matrix product and wins 1.4-22x; a grouped kernel wins by
+  orders of magnitude (XLA's grouped kernel gradient takes seconds); a k x k kernel
+  wins 1.2-3.5x once both sides of its products are >= 256 channels, and loses up
+  to 3x below that (e.g. the 256 -> 36 box output, the demo's 16-128-wide layers).
+
+  Args:
+    kernel_shape: (k_h, k_w, C_in / groups, C_out).
+    groups: feature_group_count.
+  """
+  kh, kw, cig, co = kernel_shape
+  return kh * kw == 1 or groups > 1 or min(cig, co) >= 256
+
+
+def _kernel_grad_xla(x, dy, kernel_shape, strides, padding, groups):
+  kernel = jnp.zeros(kernel_shape, dy.dtype)
+  _, vjp = jax.vjp(lambda k: _lax_conv(x, k, strides, padding, groups), kernel)
+  return vjp(dy)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x, kernel, strides, padding, groups):
+  return _lax_conv(x, kernel, strides, padding, groups)
+
+
+def _conv_fwd(x, kernel, strides, padding, groups):
+  return _lax_conv(x, kernel, strides, padding, groups), (x, kernel)
+
+
+def _conv_bwd(strides, padding, groups, residuals, dy):
+  x, kernel = residuals
+  _, vjp_x = jax.vjp(lambda x: _lax_conv(x, kernel, strides, padding, groups), x)
+  args = (kernel.shape, strides, padding, groups)
+  if not (matmul_kernel_grad_on_cpu and matmul_is_faster(kernel.shape, groups)):
+    return vjp_x(dy)[0], _kernel_grad_xla(x, dy, *args)
+  dkernel = lax.platform_dependent(
+      x, dy, cpu=lambda x, dy: kernel_grad_matmul(x, dy, *args).astype(kernel.dtype),
+      default=lambda x, dy: _kernel_grad_xla(x, dy, *args))
+  return vjp_x(dy)[0], dkernel
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None):
+  """`lax.conv_general_dilated` for nn.Conv, with the CPU kernel gradient of this module.
+
+  Takes the 2-D NHWC / HWIO convolutions with explicit padding the network uses;
+  anything else (dilation, other layouts, 'SAME' padding, a precision) goes to
+  lax.conv_general_dilated as it is, so no call can get a wrong answer here.
+  """
+  plain = (lhs.ndim == 4 and not isinstance(padding, str) and precision is None
+           and all(d in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
+           and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+           == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
+  if not plain:
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, precision=precision)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return _conv(lhs, rhs, tuple(window_strides), padding, feature_group_count)
