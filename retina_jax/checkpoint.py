@@ -108,7 +108,9 @@ def restore_variables(workdir, target, step=None):
   if '://' not in workdir:
     workdir = os.path.abspath(workdir)  # orbax refuses relative paths
   directory = os.path.join(workdir, 'checkpoints')
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False, enable_async_checkpointing=False)
+  # Not read_only=True, which logs a warning on every use: without create, max_to_keep or a
+  # save, the manager writes nothing.
+  options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
   manager = ocp.CheckpointManager(directory, item_handlers=ocp.PyTreeCheckpointHandler(), options=options)
   try:
     steps = sorted(manager.all_steps())

@@ -63,7 +63,9 @@ def test_restore_variables_reads_params_and_batch_stats_only(tmp_path):
   for step in (2, 5):
     checkpoint.save(manager, step, _train_state(step))
   manager.close()
+  before = sorted((str(p), p.stat().st_mtime_ns) for p in tmp_path.rglob('*'))
   step, variables = checkpoint.restore_variables(str(tmp_path), _variables_target())
+  assert sorted((str(p), p.stat().st_mtime_ns) for p in tmp_path.rglob('*')) == before  # nothing written
   assert step == 5 and set(variables) == {'params', 'batch_stats'}
   np.testing.assert_array_equal(variables['params']['conv']['kernel'], np.full((3, 3, 2, 4), 5.0))
   np.testing.assert_array_equal(variables['batch_stats']['bn']['mean'], np.arange(4.0) + 5)
