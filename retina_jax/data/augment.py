@@ -118,7 +118,7 @@ def to_canvas(image, boxes, min_size, max_size, canvas_hw, mean, std):
   """Resize, normalize, pad: the one path from a decoded image to the model's input.
 
   Training, evaluation and prediction all call this (through data/pipeline.py), so a
-  model sees a user's image exactly as evaluation showed it the eval split.
+  user's image reaches the model exactly as an eval image does.
 
   Args:
     image: [h, w, 3] uint8.
