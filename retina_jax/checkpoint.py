@@ -83,3 +83,69 @@ def restore_on_one_device(workdir, step=None):
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
   return step, checkpointer.restore(path, target)
+
+
+def restore_variables(workdir, target, step=None):
+  """Reads only the model variables (params, batch_stats) of a train-state checkpoint.
+
+  The optimizer state stays on disk, so evaluation and prediction need neither an
+  optimizer nor the optim.* settings that trained the model. Reads without
+  creating or changing anything in `workdir`.
+
+  Args:
+    workdir: the run directory (its checkpoints/ subdirectory is read).
+    target: {'params', 'batch_stats'} of jax.Array or jax.ShapeDtypeStruct (with
+      shardings), e.g. jax.eval_shape of the model's init: the structure, shapes,
+      dtypes and placement to read into.
+    step: the step to read; None or -1 for the latest.
+  Returns:
+    (step, variables with the structure of `target`).
+  Raises:
+    FileNotFoundError: no checkpoint in workdir, or not the step asked for.
+    ValueError: the saved variables differ from target's (a key or a shape),
+      e.g. a config other than the one that trained the workdir.
+  """
+  if '://' not in workdir:
+    workdir = os.path.abspath(workdir)  # orbax refuses relative paths
+  directory = os.path.join(workdir, 'checkpoints')
+  # Not read_only=True, which logs a warning on every use: without create, max_to_keep or a
+  # save, the manager writes nothing.
+  options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
+  manager = ocp.CheckpointManager(directory, item_handlers=ocp.PyTreeCheckpointHandler(), options=options)
+  try:
+    steps = sorted(manager.all_steps())
+    if not steps:
+      raise FileNotFoundError(f'no checkpoint in {directory}')
+    step = steps[-1] if step is None or step < 0 else int(step)
+    if step not in steps:
+      raise FileNotFoundError(f'checkpoint step {step} not found in {directory}; saved steps: {steps}')
+    saved = manager.item_metadata(step)
+    saved = getattr(saved, 'tree', saved)  # the metadata tree, whatever orbax wraps it in
+    _check_same_variables(saved, target, f'{directory} step {step}')
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    # partial_restore: read params and batch_stats, leave opt_state, step, normalizer on disk.
+    args = ocp.args.PyTreeRestore(item=abstract, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+    return step, manager.restore(step, args=args)
+  finally:
+    manager.close()
+
+
+def _check_same_variables(saved, target, where):
+  """Raises ValueError naming the first variable whose key or shape differs."""
+  def flat(tree):
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+  want = flat(target)
+  have = flat({k: saved[k] for k in target if k in saved})
+  for key, shape in want.items():
+    if key not in have:
+      raise ValueError(f'{where}: no variable {key} (the config\'s model has it with shape {shape}); '
+                       'is --config the one that trained this workdir?')
+    if have[key] != shape:
+      raise ValueError(f'{where}: {key} has shape {have[key]}, the config\'s model {shape}; '
+                       'is --config the one that trained this workdir?')
+  extra = sorted(set(have) - set(want))
+  if extra:
+    raise ValueError(f'{where}: {len(extra)} saved variables the config\'s model lacks, e.g. {extra[0]}; '
+                     'is --config the one that trained this workdir?')

@@ -51,6 +51,20 @@ def make_predict_fn(config, model, mesh):
   return jax.jit(predict, in_shardings=(rep, split, split, rep), out_shardings=split)
 
 
+def to_original_pixels(boxes, scale, orig_hw):
+  """Canvas-pixel boxes -> boxes on the original images: undo the resize, clip to the image.
+
+  Args:
+    boxes: [B, D, 4] canvas pixels (x1, y1, x2, y2).
+    scale: [B] canvas px per original px (the pipeline's `scale`).
+    orig_hw: [B, 2] original (height, width).
+  Returns:
+    [B, D, 4] original pixels (x1, y1, x2, y2).
+  """
+  boxes = boxes / scale[:, None, None]
+  return boxes_lib.clip(boxes, orig_hw[:, 0:1], orig_hw[:, 1:2])
+
+
 def to_coco_rows(dets, meta, category_ids):
   """Detections of a batch -> rows [N, 7] (image_id, x, y, w, h, score, category_id).
 
@@ -61,8 +75,7 @@ def to_coco_rows(dets, meta, category_ids):
   Returns:
     float64 [N, 7], only valid detections of valid images.
   """
-  boxes = dets['boxes'] / meta['scale'][:, None, None]
-  boxes = boxes_lib.clip(boxes, meta['orig_hw'][:, 0:1], meta['orig_hw'][:, 1:2])  # [B, D, 4]
+  boxes = to_original_pixels(dets['boxes'], meta['scale'], meta['orig_hw'])  # [B, D, 4]
   keep = dets['valid'] & meta['valid'][:, None]  # [B, D]
   ids = np.broadcast_to(meta['image_id'][:, None], keep.shape)
   cats = np.asarray(category_ids)[np.maximum(dets['classes'], 0)]

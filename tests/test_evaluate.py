@@ -78,3 +78,12 @@ def test_picture_is_written(tmp_path):
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   shown = visualize.denormalize(image, (1.0, 2.0, 3.0), (2.0, 2.0, 2.0))
   assert shown.min() >= 0.0 and shown.max() <= 1.0
+
+
+def test_single_picture_has_the_image_aspect(tmp_path):
+  from PIL import Image
+  image = np.random.default_rng(0).integers(0, 255, size=(50, 400, 3), dtype=np.uint8)
+  path = str(tmp_path / 'wide.png')
+  visualize.save_image(path, image, np.array([[10, 5, 120, 45.0]]), np.array([0.8]), np.array([0]), ['a'])
+  with Image.open(path) as im:
+    assert im.size == (640, 80)  # long side enlarged to 640 px, aspect kept

@@ -114,6 +114,27 @@ def pad_image(image, canvas_hw):
   return image
 
 
+def to_canvas(image, boxes, min_size, max_size, canvas_hw, mean, std):
+  """Resize, normalize, pad: the one path from a decoded image to the model's input.
+
+  Training, evaluation and prediction all call this (through data/pipeline.py), so a
+  user's image reaches the model exactly as an eval image does.
+
+  Args:
+    image: [h, w, 3] uint8.
+    boxes: [N, 4] float32 pixels of the image (N may be 0).
+    min_size, max_size, canvas_hw: as in resize_scale (min_size times any jitter).
+    mean, std: as in normalize.
+  Returns:
+    image [H, W, 3] float32 normalized and padded, boxes [N, 4] canvas pixels, scale
+    float32 (canvas px per original px), hw [2] int32 (the image's area on the canvas).
+  """
+  hw = tf.shape(image)[:2]
+  scale = resize_scale(hw[0], hw[1], min_size, max_size, canvas_hw)
+  image, boxes, new_hw = resize(image, boxes, scale, canvas_hw)
+  return pad_image(normalize(image, mean, std), canvas_hw), boxes, scale, new_hw
+
+
 def pad_boxes(boxes, classes, max_boxes):
   """Keeps the first `max_boxes` boxes and pads to exactly that many.
 

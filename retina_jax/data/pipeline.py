@@ -163,10 +163,8 @@ def _prepare(ex, data, rand=None):
     lo, hi = data['scale_jitter']
     jitter = lo + (hi - lo) * rand[1]
   # Jitter moves the shorter side only; the longer-side cap stays (Detectron's multi-scale training).
-  scale = augment.resize_scale(hw[0], hw[1], data['min_size'] * jitter, data['max_size'],
-                               data['canvas'])
-  image, boxes, new_hw = augment.resize(image, boxes, scale, data['canvas'])
-  image = augment.pad_image(augment.normalize(image, data['mean'], data['std']), data['canvas'])
+  image, boxes, scale, new_hw = augment.to_canvas(
+      image, boxes, data['min_size'] * jitter, data['max_size'], data['canvas'], data['mean'], data['std'])
   boxes, classes, truncated = augment.pad_boxes(boxes, classes, data['max_boxes'])
   return {
       'image': image, 'boxes': boxes, 'classes': classes, 'image_id': ex['image_id'],
@@ -174,6 +172,22 @@ def _prepare(ex, data, rand=None):
       'valid': tf.constant(True), 'num_degenerate': counts['degenerate'],
       'num_crowd': counts['crowd'], 'num_truncated': truncated,
   }
+
+
+def prepare_image(image, config):
+  """One decoded image as evaluation feeds it to the model (_prepare without boxes or jitter).
+
+  Args:
+    image: [h, w, 3] uint8, any size and aspect ratio.
+    config: the run config (reads data.canvas, min_size, max_size, mean, std).
+  Returns:
+    image [H, W, 3] float32 normalized on the canvas, scale float32 (canvas px =
+    original px * scale), image_hw [2] float32 (the image's area on the canvas).
+  """
+  d = _data_values(config)
+  image, _, scale, hw = augment.to_canvas(
+      image, tf.zeros((0, 4), tf.float32), d['min_size'], d['max_size'], d['canvas'], d['mean'], d['std'])
+  return image, scale, tf.cast(hw, tf.float32)
 
 
 def _data_values(config):
