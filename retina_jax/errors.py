@@ -3,7 +3,7 @@
 Code that checks its inputs raises these; `main` prints the message alone (one or two
 lines, no traceback) and exits with status 1. Any other exception is a bug and keeps its
 traceback. Each class also derives from the builtin a caller would expect (ValueError,
-FileNotFoundError, KeyError, FloatingPointError), so `except ValueError` still works.
+FileNotFoundError, KeyError, ImportError, FloatingPointError), so `except ValueError` still works.
 """
 
 
@@ -25,6 +25,10 @@ class NotFound(UserError, FileNotFoundError):
 
 class MissingKey(UserError, KeyError):
   """A key that a file (e.g. pretrained weights) lacks."""
+
+
+class MissingPackage(UserError, ImportError):
+  """An optional package a config needs (e.g. torch to read a .pth file)."""
 
 
 class Diverged(UserError, FloatingPointError):
