@@ -13,14 +13,17 @@ Multi-host (TPU pods, GPU clusters): --distributed lets JAX detect the cluster;
 """
 
 import json
+import math
 import os
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+import numpy as np
 
 from configs import base
+from retina_jax import errors
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/shapes.py[:arg].')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, eval results.')
@@ -80,11 +83,16 @@ def _flat(config, prefix=''):
 
 
 def _fail(key, value, what):
-  raise ValueError(f'config.{key}={value!r}: {what}')
+  raise errors.BadValue(f'config.{key}={value!r}: {what}')
+
+
+def _non_finite(value):
+  values = value if isinstance(value, (tuple, list)) else (value,)
+  return any(isinstance(v, float) and not math.isfinite(v) for v in values)
 
 
 def validate(config, num_devices=1, num_processes=1):
-  """Checks every key of the config; raises ValueError naming the first bad one.
+  """Checks every key of the config; raises errors.BadValue naming the first bad one.
 
   Args:
     config: the run config.
@@ -95,6 +103,9 @@ def validate(config, num_devices=1, num_processes=1):
   for key in flat:
     if key not in known:
       _fail(key, flat[key], 'unknown key (configs/base.py lists every key)')
+    # inf passes every range check below (inf > 0) and would surface as a non-finite loss.
+    if _non_finite(flat[key]):
+      _fail(key, flat[key], 'must be finite')
   for key, values in _ENUMS.items():
     if flat[key] not in values:
       _fail(key, flat[key], f'must be one of {values}')
@@ -137,6 +148,10 @@ def validate(config, num_devices=1, num_processes=1):
           f'must be <= matching.fg_iou ({flat["matching.fg_iou"]})')
   if len(flat['box_coder.weights']) != 4 or min(flat['box_coder.weights']) <= 0:
     _fail('box_coder.weights', flat['box_coder.weights'], 'must be 4 positive weights')
+  lr = flat['optim.base_lr'] * flat['train.batch_size'] / flat['optim.base_batch']
+  if not np.isfinite(np.float32(lr)):
+    _fail('optim.base_lr', flat['optim.base_lr'], f'gives a learning rate of {lr:g} at train.batch_size '
+          f'{flat["train.batch_size"]} (times batch_size / optim.base_batch), beyond float32')
   if flat['optim.momentum'] >= 1:
     _fail('optim.momentum', flat['optim.momentum'], 'must be in [0, 1)')
   decays = list(flat['optim.decay_steps'])
@@ -146,7 +161,10 @@ def validate(config, num_devices=1, num_processes=1):
   # The model's keys (backbone names, widths, freeze_at, prior, norm, dtype) are checked
   # where they are used, so a new backbone is added in one place.
   from retina_jax.model import retinanet
-  retinanet.build(config)
+  try:
+    retinanet.build(config)
+  except ValueError as e:  # build's messages name the config key
+    raise errors.BadValue(str(e)) from e
 
   for key in ('train.batch_size', 'eval.batch_size'):
     if flat[key] % num_devices or flat[key] % num_processes:

@@ -9,18 +9,18 @@ splits the batch over the ('data',) mesh and replicates the state, so the
 number of positive anchors that normalizes the loss, trainable BatchNorm
 statistics and the gradient mean are all over the global batch.
 
-Host and device: the loop reads a step's metrics (and checks its loss) while the
-next step runs, and before every save or evaluation, so a non-finite state is never
-written. SIGTERM is checked at logged steps (a collective over processes), saves on
-every process and exits.
+Host and device: the step also reports whether the state it produced is finite
+(parameters, BatchNorm statistics, optimizer state: a finite loss can still give a
+non-finite update). The loop reads a step's metrics while the next step runs, and
+before every save or evaluation, so a non-finite state is never written. SIGTERM is
+checked at logged steps (a collective over processes); every process saves, then the
+loop raises Preempted so that the job ends with a non-zero status a scheduler can requeue.
 
 Resuming: the data iterator is deterministic given config.seed and the process
 index; a resumed run rebuilds it and skips the `step` batches the checkpoint
 already consumed, so it sees exactly the batches of a run that never stopped.
 """
 
-import json
-import os
 import signal
 import sys
 import threading
@@ -32,16 +32,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tensorflow as tf
 import tqdm
-from flax.metrics import tensorboard
 from jax.experimental import multihost_utils
 
 from retina_jax import anchors as anchors_lib
 from retina_jax import checkpoint
+from retina_jax import errors
 from retina_jax import evaluate
 from retina_jax import losses
 from retina_jax import matching
+from retina_jax import metric_writer
 from retina_jax import optim
 from retina_jax import sharding
 from retina_jax.data import pipeline
@@ -142,8 +142,20 @@ def compute_gradients(state, batch, anchors, *, model, config):
   return grads, metrics, batch_stats, new_normalizer
 
 
+def all_finite(tree):
+  """[] bool: every floating-point value of the pytree is finite (True for no float leaf)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
 def train_step(state, batch, anchors, *, model, tx, config):
-  """One SGD step on the global batch. Returns (new state, metrics)."""
+  """One SGD step on the global batch.
+
+  Returns:
+    (new state, metrics): metrics are scalars; 'all_finite' says whether the new state is
+    finite, which the loop checks before saving or evaluating it.
+  """
   grads, metrics, batch_stats, normalizer = compute_gradients(
       state, batch, anchors, model=model, config=config)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -151,6 +163,7 @@ def train_step(state, batch, anchors, *, model, tx, config):
   metrics['lr'] = optim.learning_rate_schedule(config)(state.step)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state, normalizer=normalizer)
+  metrics['all_finite'] = all_finite((params, batch_stats, opt_state, normalizer))
   return new_state, metrics
 
 
@@ -165,41 +178,31 @@ def make_train_step(config, model, tx, mesh):
 
 
 class Progress:
-  """Reads each step's metrics, checks the loss, and writes them (process 0 writes).
+  """Reads each step's metrics, checks them, shows them and has them written (process 0 writes).
 
-  To the progress bar, TensorBoard and <workdir>/metrics.jsonl. A resumed run first
-  drops the lines after its checkpoint, which a killed run (no SIGTERM) had written.
+  To the progress bar and, through metric_writer, to TensorBoard and <workdir>/metrics.jsonl.
   """
 
   def __init__(self, config, workdir, manager, start, data_stats, lead):
     self.config, self.workdir, self.manager, self.data_stats = config, workdir, manager, data_stats
-    self.lead = lead
     total, _, _ = optim.scaled_steps(config)
     # In a job log (no terminal) a redraw per step would flood the file: redraw every 30 s there.
     self.bar = tqdm.tqdm(total=total, initial=start, disable=not lead, desc='train', dynamic_ncols=True,
                          mininterval=0.1 if sys.stderr.isatty() else 30.0)
     self.tick = time.perf_counter()
-    if lead:
-      path = os.path.join(workdir, 'metrics.jsonl')
-      if start and tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path) as f:
-          kept = [line for line in f if json.loads(line)['step'] <= start]
-        with tf.io.gfile.GFile(path, 'w') as f:
-          f.write(''.join(kept))
-      self.tb = tensorboard.SummaryWriter(os.path.join(workdir, 'tensorboard'))
-      self.jsonl = tf.io.gfile.GFile(path, 'a')
+    self.writer = metric_writer.MetricWriter(workdir, start, lead)
 
   def record(self, step, metrics):
     """Reads one step's metrics from the device (waiting for that step only).
 
     Raises:
-      FloatingPointError: the loss is not finite; names the step and the checkpoint kept.
+      errors.Diverged: the loss or the state after the step is not finite; names the step
+        and the last checkpoint, which (like every saved state) is finite.
     """
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not np.isfinite(metrics['loss']):
-      raise FloatingPointError(
-          f'non-finite loss {metrics["loss"]} at step {step}; the last good checkpoint '
-          f'(step {checkpoint.latest_step(self.manager)}) in {self.workdir} is kept')
+    finite_state = bool(metrics.pop('all_finite', True))
+    if not (finite_state and np.isfinite(metrics['loss'])):
+      raise errors.Diverged(self._diverged(step, metrics, finite_state))
     now = time.perf_counter()
     metrics['images_per_s'] = self.config.train.batch_size / (now - self.tick)
     self.tick = now
@@ -209,20 +212,28 @@ class Progress:
       self.bar.set_postfix(loss=f'{metrics["loss"]:.4f}', pos=int(metrics['num_pos']),
                            lr=f'{metrics["lr"]:.2g}')
     self.bar.update(1)
-    if not self.lead:
-      return
-    for k, v in metrics.items():
-      self.tb.scalar(f'train/{k}', v, step)
-    self.jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
-    if log:
-      self.jsonl.flush()
-      self.tb.flush()
+    self.writer.write(step, metrics, flush_tensorboard=log)
+
+  def _diverged(self, step, metrics, finite_state):
+    if not np.isfinite(metrics['loss']):
+      what = f'non-finite loss {metrics["loss"]}'
+    else:
+      what = (f'non-finite parameters or optimizer state (loss {metrics["loss"]:.3g}, '
+              f'gradient norm {metrics.get("grad_norm", float("nan")):.3g})')
+    last = checkpoint.latest_step(self.manager) if self.manager is not None else None
+    if last is None:
+      kept = f'none saved yet in {self.workdir}'
+    else:
+      kept = f'step {last} in {self.manager.directory}'
+    return f'{what} at step {step}; the last good checkpoint: {kept} (a non-finite state is never saved)'
 
   def close(self):
     self.bar.close()
-    if self.lead:
-      self.tb.flush()
-      self.jsonl.close()
+    self.writer.close()
+
+
+class Preempted(Exception):
+  """SIGTERM arrived; the state was saved. main exits with status 128 + SIGTERM."""
 
 
 class _StopSignal:
@@ -301,8 +312,8 @@ def train_and_evaluate(config, workdir):
       if saving:
         checkpoint.save(manager, step, state)
       if stopping:
-        progress.bar.write(f'SIGTERM: saved step {step} in {workdir}, exiting')
-        break
+        progress.bar.write(f'SIGTERM: saved step {step} in {workdir}; the same command resumes')
+        raise Preempted(f'SIGTERM at step {step}; saved in {workdir}')
       if evaluating:
         result = evaluate.evaluate(config, model, _variables(state), mesh, step, workdir, predict)
   finally:

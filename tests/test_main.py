@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -39,6 +40,26 @@ def test_out_of_range_values_name_the_key(key, value, message):
   section, _, name = key.rpartition('.')
   setattr(c[section] if section else c, name, value)
   with pytest.raises(ValueError, match=message.replace('.', r'\.')):
+    main.validate(c)
+
+
+@pytest.mark.parametrize('key, value', [
+    ('optim.base_lr', float('inf')), ('loss.gamma', float('nan')), ('anchors.sizes', (16.0, float('inf'))),
+    ('loss.normalizer_init', float('inf')),
+])
+def test_non_finite_values_are_refused(key, value):
+  # Issue 12: base_lr=inf was accepted and the run failed later with a non-finite loss.
+  c = shapes.get_config('tiny')
+  section, _, name = key.rpartition('.')
+  setattr(c[section], name, value)
+  with pytest.raises(ValueError, match=re.escape(f'config.{key}=') + '.*must be finite'):
+    main.validate(c)
+
+
+def test_a_learning_rate_beyond_float32_is_refused():
+  c = shapes.get_config('tiny')
+  c.optim.base_lr, c.optim.base_batch = 1e38, 1  # times 8 images: beyond float32's 3.4e38
+  with pytest.raises(ValueError, match=r'config\.optim\.base_lr=1e\+38: .*float32'):
     main.validate(c)
 
 

@@ -178,6 +178,20 @@ def test_missing_key_shape_mismatch_and_unused_keys_are_reported(resnet18_npz, t
     tvw.read_state_dict(str(tmp_path / 'w.ckpt'))
 
 
+def test_non_finite_weights_are_refused_naming_file_and_key(resnet18_npz, tmp_path):
+  # Issue 12: NaN values in a pretrained file were loaded silently.
+  config, state, _ = resnet18_npz
+  config = config.copy_and_resolve_references()
+  config.model.backbone_width = 64  # an earlier test narrows the shared config
+  bad = dict(state)
+  bad['layer2.1.bn1.running_var'] = np.array(state['layer2.1.bn1.running_var'])
+  bad['layer2.1.bn1.running_var'][[3, 7]] = [np.nan, np.inf]
+  path = str(tmp_path / 'nan.npz')
+  np.savez(path, **bad)
+  with pytest.raises(ValueError, match=r"nan\.npz: key 'layer2\.1\.bn1\.running_var' has 2 non-finite values"):
+    tvw.load_torchvision_backbone(path, _zero_variables(config), config)
+
+
 def test_pth_needs_torch_only_when_used(resnet18_npz, tmp_path):
   _, state, _ = resnet18_npz
   path = str(tmp_path / 'resnet18.pth')

@@ -52,7 +52,8 @@ def test_sigterm_then_resume_equals_uninterrupted_run(config, tmp_path, monkeypa
 
   with monkeypatch.context() as m:
     _patch_iterator(m, sigterm_at_2)
-    train.train_and_evaluate(config, parts)
+    with pytest.raises(train.Preempted):  # main turns it into exit status 143
+      train.train_and_evaluate(config, parts)
   manager = checkpoint.make_manager(parts, 1)
   assert checkpoint.latest_step(manager) == 2  # saved on SIGTERM, then stopped
   manager.close()
@@ -94,10 +95,60 @@ def test_resume_drops_metrics_written_after_the_checkpoint(config, tmp_path):
   assert steps == [1, 2, 3, 4]
 
 
+def test_a_torn_metrics_line_is_dropped_and_every_line_is_flushed(config, tmp_path, caplog):
+  # Issue 12: a kill -9 between buffered writes left a torn last line, and resuming failed
+  # with a JSONDecodeError naming no file.
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text(''.join(json.dumps({'step': s, 'loss': 1.0}) + '\n' for s in (1, 2, 3)) + '{"step": 4, "lo')
+  c = config.copy_and_resolve_references()
+  c.train.log_every = 100  # not a logged step: the line is flushed all the same
+  progress = train.Progress(c, str(tmp_path), None, 3, pipeline.DataStats(), True)
+  assert 'metrics.jsonl: dropped its torn last line' in caplog.text
+  progress.record(4, {'loss': np.float32(0.5), 'num_pos': np.float32(7), 'lr': np.float32(0.1)})
+  with open(path) as f:  # before close: what a kill at this point would leave
+    steps = [json.loads(line)['step'] for line in f]
+  assert steps == [1, 2, 3, 4]
+  progress.close()
+
+
 def test_non_finite_loss_names_the_step(config, tmp_path):
   manager = checkpoint.make_manager(str(tmp_path), 1)
   progress = train.Progress(config, str(tmp_path), manager, 0, pipeline.DataStats(), False)
   with pytest.raises(FloatingPointError, match='at step 7; the last good checkpoint'):
     progress.record(7, {'loss': np.float32(np.inf), 'num_pos': np.float32(0), 'lr': np.float32(0.1)})
+  progress.close()
+  manager.close()
+
+
+def test_a_non_finite_state_is_never_saved(config, tmp_path, monkeypatch):
+  # Issue 12: a loss can be finite while the state after the step is not, and the old loss
+  # check saved such a state as the "last good checkpoint". Images scaled by 1e18 give a finite
+  # loss (BatchNorm normalizes them) but overflow BatchNorm's running variance.
+  c = config.copy_and_resolve_references()
+  c.train.checkpoint_every = 2
+
+  def huge_at_3(i, batch):
+    return dict(batch, image=batch['image'] * np.float32(1e18)) if i == 3 else batch
+
+  _patch_iterator(monkeypatch, huge_at_3)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(FloatingPointError, match=r'parameters or optimizer state \(loss 1\.\d+.*at step 3; '
+                     r'the last good checkpoint: step 2 in '):
+    train.train_and_evaluate(c, workdir)
+  manager = checkpoint.make_manager(workdir, 1)
+  assert manager.all_steps() == [2]
+  manager.close()
+  _, saved = checkpoint.restore_on_one_device(workdir)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved))
+
+
+def test_non_finite_state_with_a_finite_loss_names_the_last_good_checkpoint(config, tmp_path):
+  manager = checkpoint.make_manager(str(tmp_path), 1)
+  checkpoint.save(manager, 2, {'w': np.ones(3, np.float32)})
+  progress = train.Progress(config, str(tmp_path), manager, 2, pipeline.DataStats(), False)
+  metrics = {'loss': np.float32(3.3e30), 'num_pos': np.float32(5), 'lr': np.float32(0.1),
+             'grad_norm': np.float32(np.nan), 'all_finite': np.bool_(False)}
+  with pytest.raises(FloatingPointError, match=r'at step 3; the last good checkpoint: step 2 in '):
+    progress.record(3, metrics)
   progress.close()
   manager.close()

@@ -11,8 +11,8 @@ scale-major, so the output channels of the last class and box convs are permuted
 torchvision's COCO model has 91 classes indexed by COCO category id (0 is
 background); with 80 classes the 80 used ids are picked in tfds label order.
 
-A missing key or a shape mismatch raises an error naming the key and both
-shapes; keys of the file that nothing uses are logged.
+A missing key, a shape mismatch or a non-finite value raises an error naming the
+file and the key (and both shapes); keys of the file that nothing uses are logged.
 """
 
 import os
@@ -22,6 +22,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
+from retina_jax import errors
 from retina_jax.model import resnet
 
 # COCO category ids of the 80 classes in id order, which is tfds coco/2017's label order.
@@ -41,13 +42,13 @@ def read_state_dict(path):
     dict of str -> np.ndarray.
   """
   if not os.path.exists(path):
-    raise FileNotFoundError(f'config.model.pretrained: no such file {path!r}')
+    raise errors.NotFound(f'config.model.pretrained: no such file {path!r}')
   suffix = os.path.splitext(path)[1].lower()
   if suffix in ('.pth', '.pt'):
     try:
       import torch  # pylint: disable=import-outside-toplevel
     except ImportError as e:
-      raise ImportError(
+      raise errors.MissingPackage(
           f'{path}: reading a .pth checkpoint needs PyTorch (pip install torch); without it, '
           'convert the file to .safetensors or .npz elsewhere') from e
     state = torch.load(path, map_location='cpu', weights_only=True)
@@ -58,7 +59,7 @@ def read_state_dict(path):
   elif suffix == '.npz':
     with np.load(path) as f:
       return {k: f[k] for k in f.files}
-  raise ValueError(f'{path}: unknown checkpoint format {suffix!r}; expected .pth, .pt, .safetensors or .npz')
+  raise errors.BadValue(f'{path}: unknown checkpoint format {suffix!r}; expected .pth, .pt, .safetensors or .npz')
 
 
 def _module_names(path, body):
@@ -121,9 +122,12 @@ def _load(state, variables, config, *, source, body, bn_eps, backbone_only, clas
     # The expected source shape, in torch layout, for the messages.
     expected = value.shape if value.ndim != 4 else tuple(value.shape[i] for i in (3, 2, 0, 1))
     if name is None:
-      raise KeyError(f'{source}: missing key {candidates[0]!r} (expected shape {expected}) for {where}')
+      raise errors.MissingKey(f'{source}: missing key {candidates[0]!r} (expected shape {expected}) for {where}')
     w = np.asarray(state[name], np.float32)
     used.add(name)
+    bad = int(np.sum(~np.isfinite(w)))
+    if bad:  # a NaN here would train (or evaluate) silently into NaN
+      raise errors.BadValue(f'{source}: key {name!r} has {bad} non-finite values (of {w.size})')
     if path[-2] == 'out' and w.shape[0] % (num_scales * num_ratios) == 0:
       w = _to_scale_major(w, num_scales, num_ratios, classes if path[-3] == 'cls_net' else None)
     if path[-1] == 'scale' and 'bn' in path[-2] and bn_eps != resnet.BN_EPS:
@@ -133,7 +137,7 @@ def _load(state, variables, config, *, source, body, bn_eps, backbone_only, clas
     if w.ndim == 4:
       w = w.transpose(2, 3, 1, 0)  # OIHW -> HWIO
     if w.shape != value.shape:
-      raise ValueError(
+      raise errors.BadValue(
           f'{source}: key {name!r} has shape {tuple(state[name].shape)}, expected {expected} for {where}')
     out[key] = jnp.asarray(w, value.dtype)
   unused = sorted(k for k in state if k not in used and not k.endswith('num_batches_tracked')
@@ -145,7 +149,7 @@ def _load(state, variables, config, *, source, body, bn_eps, backbone_only, clas
 
 def _check_width(config, path):
   if config.model.backbone_width != 64:
-    raise ValueError(
+    raise errors.BadValue(
         f'{path}: torchvision weights need config.model.backbone_width 64, got {config.model.backbone_width}')
 
 
@@ -192,7 +196,7 @@ def load_torchvision_retinanet(path, variables, config, *, bn_eps=RETINANET_V1_B
     elif k_src == 91 and k == 80:
       class_indices = COCO_CATEGORY_IDS
     else:
-      raise ValueError(
+      raise errors.BadValue(
           f'{path}: the checkpoint has {k_src} classes x {num_anchors} anchors, config.model.num_classes '
           f'is {k}; pass class_indices to pick the classes')
   return _load(state, variables, config, source=path, body='backbone.body.', bn_eps=bn_eps,
