@@ -24,12 +24,14 @@ boxes cut beyond max_boxes). The training loop logs `stats.as_dict()`.
 import collections
 import dataclasses
 import math
+import os
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from retina_jax import errors
 from retina_jax.data import augment
 from retina_jax.data import coco
 from retina_jax.data import shapes
@@ -105,13 +107,52 @@ def _check_config(config, batch_size, batch_key, process_index, process_count):
 
 
 def _builder(config):
-  """The prepared tfds builder of config.data.dataset (shapes are built on first use)."""
+  """The tfds builder of config.data.dataset (shapes are built on first use).
+
+  COCO is never downloaded here: ~25 GB fetched by every host of a pod from inside a job,
+  and offline a long failure. It is prepared beforehand with `tfds build` (see README);
+  `_read` says how when it is not.
+  """
   if config.data.dataset == 'shapes':
     return shapes.builder(config.data.shapes, config.data.data_dir)
-  builder = tfds.builder('coco/2017', data_dir=config.data.data_dir)
-  # A no-op when prepared; otherwise tfds downloads and prepares it, as tfds.load would.
-  builder.download_and_prepare(file_format='tfrecord')
-  return builder
+  return tfds.builder('coco/2017', data_dir=config.data.data_dir)
+
+
+def _not_prepared(builder):
+  name = f'{builder.name}/{builder.builder_config.name}'  # coco/2017
+  root = os.path.dirname(os.path.dirname(os.path.dirname(builder.data_dir)))  # <root>/coco/2017/<version>
+  return errors.NotFound(
+      f'{name} is not prepared in config.data.data_dir={root!r} (looked for {builder.data_dir}); jobs do '
+      f'not download it. Prepare it once, on a machine with internet: '
+      f'tfds build {name} --data_dir={root} --file_format=tfrecord')
+
+
+def _check_split(builder, split, key):
+  """Raises errors.BadValue naming the config key when the prepared builder lacks `split`."""
+  if not isinstance(split, str) or not builder.is_prepared():  # mock_data: no split list to check
+    return
+  try:
+    builder.info.splits[split]  # parses slices ('validation[:500]') and unions ('train+validation')
+  except (KeyError, ValueError) as e:
+    raise errors.BadValue(f'{key}={split!r}: {str(e).splitlines()[0]}') from e
+
+
+def check_splits(config, *, train, evaluation):
+  """Fails fast, before anything compiles, on unprepared data or a wrong split name.
+
+  Args:
+    config: the run config.
+    train: check data.train_split.
+    evaluation: check data.eval_split (with data.eval_images).
+  Raises:
+    errors.NotFound: the dataset is not prepared in data.data_dir (COCO).
+    errors.BadValue: a split the dataset does not have, naming the config key.
+  """
+  builder = _builder(config)
+  if train:
+    _read(builder, config.data.train_split, key='config.data.train_split')
+  if evaluation:
+    _read(builder, _eval_split(config), key='config.data.eval_split')
 
 
 def _options():
@@ -122,11 +163,17 @@ def _options():
   return options
 
 
-def _read(builder, split, shuffle_seed=None):
+def _read(builder, split, shuffle_seed=None, key='split'):
   """Examples of `split` with the image still encoded, so decoding errors are ours to catch."""
+  _check_split(builder, split, key)
   read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, options=_options())
-  return builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()},
-                            shuffle_files=shuffle_seed is not None, read_config=read_config)
+  try:
+    return builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()},
+                              shuffle_files=shuffle_seed is not None, read_config=read_config)
+  except AssertionError as e:  # tfds' "could not find data" (what tfds.load(download=False) raises)
+    if builder.is_prepared():
+      raise
+    raise _not_prepared(builder) from e
 
 
 def _decode(ds, index=False):
@@ -204,7 +251,7 @@ def train_iterator(config, *, process_index=0, process_count=1, stats=None):
   split = tfds.split_for_jax_process(config.data.train_split, process_index=process_index,
                                      process_count=process_count)
   seed = int(config.seed) * 65537 + process_index  # distinct random streams per process
-  ds = _read(_builder(config), split, shuffle_seed=seed)
+  ds = _read(_builder(config), split, shuffle_seed=seed, key='config.data.train_split')
   epoch = int(ds.cardinality())
   if epoch <= 0:  # 0: empty slice; negative: tfds could not tell its size
     raise ValueError(f'{config.data.dataset} split {config.data.train_split!r} gives process '
@@ -272,7 +319,7 @@ def eval_iterator(config, *, process_index=0, process_count=1, stats=None):
   data = _data_values(config)
   builder = _builder(config)
   split = _eval_split(config)
-  total = int(_read(builder, split).cardinality())
+  total = int(_read(builder, split, key='config.data.eval_split').cardinality())
   num_batches = math.ceil(math.ceil(total / process_count) / batch)
   ds = _read(builder, tfds.even_splits(split, process_count)[process_index])
   own = int(ds.cardinality())
@@ -311,12 +358,11 @@ def eval_ground_truth(config):
   info = dataset_info(config)
   path = config.data.annotation_file
   if path:
-    if not tf.io.gfile.exists(path):
-      raise FileNotFoundError(f'config.data.annotation_file={path!r} does not exist')
-    gt = coco.pycoco.COCO(path)
+    gt = coco.read_annotation_file(path, info.category_ids)
     if config.data.eval_images <= 0:
       return gt
-    ids = {int(ex['image/id']) for ex in _read(_builder(config), _eval_split(config)).as_numpy_iterator()}
+    split = _read(_builder(config), _eval_split(config), key='config.data.eval_split')
+    ids = {int(ex['image/id']) for ex in split.as_numpy_iterator()}
     dataset = dict(gt.dataset)
     dataset['images'] = [im for im in gt.dataset['images'] if im['id'] in ids]
     dataset['annotations'] = [a for a in gt.dataset['annotations'] if a['image_id'] in ids]
@@ -329,6 +375,6 @@ def eval_ground_truth(config):
     return {**out, 'boxes': tf.boolean_mask(boxes, keep), 'image_id': ex['image_id'],
             'height': hw[0], 'width': hw[1]}
 
-  ds = _decode(_read(_builder(config), _eval_split(config)))
+  ds = _decode(_read(_builder(config), _eval_split(config), key='config.data.eval_split'))
   ds = ds.map(record, tf.data.AUTOTUNE, deterministic=True).with_options(_options())
   return coco.ground_truth(ds.as_numpy_iterator(), info.category_ids, info.class_names)
