@@ -19,6 +19,7 @@ from tensorflow_datasets.testing import mocking
 from configs import base
 from retina_jax.data import coco
 from retina_jax.data import pipeline
+from retina_jax.data import source
 
 _SIGNATURE = {
     'image': tf.TensorSpec((), tf.string),
@@ -216,7 +217,7 @@ def test_unprepared_coco_is_never_downloaded(tmp_path):
   # offline a 220 s failure leaving partial files.
   config = _config(data_dir=str(tmp_path))
   for start in (lambda: pipeline.train_iterator(config),
-                lambda: pipeline.check_splits(config, train=True, evaluation=True)):
+                lambda: source.check_splits(config, train=True, evaluation=True)):
     with pytest.raises(FileNotFoundError) as info:
       start()
     message = str(info.value)
@@ -264,6 +265,6 @@ def test_a_wrong_split_name_is_named_with_the_splits_there_are(tmp_path):
   config.data.eval_split = 'valdation'
   with pytest.raises(ValueError, match=r"^config\.data\.eval_split='valdation': Unknown split 'valdation'\. "
                      r"Should be one of \['train', 'validation'\]"):
-    pipeline.check_splits(config, train=True, evaluation=True)
+    source.check_splits(config, train=True, evaluation=True)
   config.data.eval_split = 'validation[:4]'
-  pipeline.check_splits(config, train=True, evaluation=True)  # slices are split names too
+  source.check_splits(config, train=True, evaluation=True)  # slices are split names too

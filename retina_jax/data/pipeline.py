@@ -24,17 +24,16 @@ boxes cut beyond max_boxes). The training loop logs `stats.as_dict()`.
 import collections
 import dataclasses
 import math
-import os
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from retina_jax import errors
 from retina_jax.data import augment
 from retina_jax.data import coco
 from retina_jax.data import shapes
+from retina_jax.data import source
 
 # JAX owns the accelerators; tf only reads data on the host.
 try:
@@ -104,76 +103,6 @@ def _check_config(config, batch_size, batch_key, process_index, process_count):
   if config.model.num_classes != info.num_classes:
     raise ValueError(f'config.model.num_classes={config.model.num_classes} must equal the '
                      f'{info.num_classes} classes of dataset {d.dataset!r}')
-
-
-def _builder(config):
-  """The tfds builder of config.data.dataset (shapes are built on first use).
-
-  COCO is never downloaded here: ~25 GB fetched by every host of a pod from inside a job,
-  and offline a long failure. It is prepared beforehand with `tfds build` (see README);
-  `_read` says how when it is not.
-  """
-  if config.data.dataset == 'shapes':
-    return shapes.builder(config.data.shapes, config.data.data_dir)
-  return tfds.builder('coco/2017', data_dir=config.data.data_dir)
-
-
-def _not_prepared(builder):
-  name = f'{builder.name}/{builder.builder_config.name}'  # coco/2017
-  root = os.path.dirname(os.path.dirname(os.path.dirname(builder.data_dir)))  # <root>/coco/2017/<version>
-  return errors.NotFound(
-      f'{name} is not prepared in config.data.data_dir={root!r} (looked for {builder.data_dir}); jobs do '
-      f'not download it. Prepare it once, on a machine with internet: '
-      f'tfds build {name} --data_dir={root} --file_format=tfrecord')
-
-
-def _check_split(builder, split, key):
-  """Raises errors.BadValue naming the config key when the prepared builder lacks `split`."""
-  if not isinstance(split, str) or not builder.is_prepared():  # mock_data: no split list to check
-    return
-  try:
-    builder.info.splits[split]  # parses slices ('validation[:500]') and unions ('train+validation')
-  except (KeyError, ValueError) as e:
-    raise errors.BadValue(f'{key}={split!r}: {str(e).splitlines()[0]}') from e
-
-
-def check_splits(config, *, train, evaluation):
-  """Fails fast, before anything compiles, on unprepared data or a wrong split name.
-
-  Args:
-    config: the run config.
-    train: check data.train_split.
-    evaluation: check data.eval_split (with data.eval_images).
-  Raises:
-    errors.NotFound: the dataset is not prepared in data.data_dir (COCO).
-    errors.BadValue: a split the dataset does not have, naming the config key.
-  """
-  builder = _builder(config)
-  if train:
-    _read(builder, config.data.train_split, key='config.data.train_split')
-  if evaluation:
-    _read(builder, _eval_split(config), key='config.data.eval_split')
-
-
-def _options():
-  options = tf.data.Options()
-  options.deterministic = True
-  # Parallelism comes from the parallel maps; one thread per op keeps tf off the cores JAX uses.
-  options.threading.max_intra_op_parallelism = 1
-  return options
-
-
-def _read(builder, split, shuffle_seed=None, key='split'):
-  """Examples of `split` with the image still encoded, so decoding errors are ours to catch."""
-  _check_split(builder, split, key)
-  read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, options=_options())
-  try:
-    return builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()},
-                              shuffle_files=shuffle_seed is not None, read_config=read_config)
-  except AssertionError as e:  # tfds' "could not find data" (what tfds.load(download=False) raises)
-    if builder.is_prepared():
-      raise
-    raise _not_prepared(builder) from e
 
 
 def _decode(ds, index=False):
@@ -251,7 +180,7 @@ def train_iterator(config, *, process_index=0, process_count=1, stats=None):
   split = tfds.split_for_jax_process(config.data.train_split, process_index=process_index,
                                      process_count=process_count)
   seed = int(config.seed) * 65537 + process_index  # distinct random streams per process
-  ds = _read(_builder(config), split, shuffle_seed=seed, key='config.data.train_split')
+  ds = source.read(source.tfds_builder(config), split, shuffle_seed=seed, key='config.data.train_split')
   epoch = int(ds.cardinality())
   if epoch <= 0:  # 0: empty slice; negative: tfds could not tell its size
     raise ValueError(f'{config.data.dataset} split {config.data.train_split!r} gives process '
@@ -266,7 +195,7 @@ def train_iterator(config, *, process_index=0, process_count=1, stats=None):
     return {**_prepare(ex, data, rand), 'position': position}
 
   ds = ds.map(prepare, tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(_options())
+  ds = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(source.options())
   return _train_batches(ds, epoch, stats if stats is not None else DataStats(), config.data.train_split)
 
 
@@ -284,16 +213,6 @@ def _train_batches(ds, epoch, stats, split):
     yield {k: batch[k] for k in _TRAIN_KEYS}
   # repeat() ends only when a whole epoch decoded nothing.
   raise ValueError(f'no image of split {split!r} could be decoded')
-
-
-def _eval_split(config):
-  split, limit = config.data.eval_split, int(config.data.eval_images)
-  if limit <= 0:
-    return split
-  if '[' in split or '+' in split:
-    raise ValueError(f'config.data.eval_images={limit} needs a plain split name in '
-                     f'config.data.eval_split, got {split!r}')
-  return f'{split}[:{limit}]'
 
 
 def eval_iterator(config, *, process_index=0, process_count=1, stats=None):
@@ -317,18 +236,18 @@ def eval_iterator(config, *, process_index=0, process_count=1, stats=None):
   _check_config(config, config.eval.batch_size, 'config.eval.batch_size', process_index, process_count)
   batch = config.eval.batch_size // process_count
   data = _data_values(config)
-  builder = _builder(config)
-  split = _eval_split(config)
-  total = int(_read(builder, split, key='config.data.eval_split').cardinality())
+  builder = source.tfds_builder(config)
+  split = source.eval_split(config)
+  total = int(source.read(builder, split, key='config.data.eval_split').cardinality())
   num_batches = math.ceil(math.ceil(total / process_count) / batch)
-  ds = _read(builder, tfds.even_splits(split, process_count)[process_index])
+  ds = source.read(builder, tfds.even_splits(split, process_count)[process_index])
   own = int(ds.cardinality())
   ds = _decode(ds).map(lambda ex: _prepare(ex, data), tf.data.AUTOTUNE, deterministic=True)
   padding = {k: tf.zeros(s.shape, s.dtype) for k, s in ds.element_spec.items()}
   padding.update(classes=-tf.ones_like(padding['classes']), image_id=tf.constant(-1, tf.int64),
                  valid=tf.constant(False))
   ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat()).take(num_batches * batch)
-  ds = ds.batch(batch).prefetch(tf.data.AUTOTUNE).with_options(_options())
+  ds = ds.batch(batch).prefetch(tf.data.AUTOTUNE).with_options(source.options())
   return _eval_batches(ds, own, stats if stats is not None else DataStats(), split)
 
 
@@ -361,7 +280,7 @@ def eval_ground_truth(config):
     gt = coco.read_annotation_file(path, info.category_ids)
     if config.data.eval_images <= 0:
       return gt
-    split = _read(_builder(config), _eval_split(config), key='config.data.eval_split')
+    split = source.read(source.tfds_builder(config), source.eval_split(config), key='config.data.eval_split')
     ids = {int(ex['image/id']) for ex in split.as_numpy_iterator()}
     dataset = dict(gt.dataset)
     dataset['images'] = [im for im in gt.dataset['images'] if im['id'] in ids]
@@ -375,6 +294,6 @@ def eval_ground_truth(config):
     return {**out, 'boxes': tf.boolean_mask(boxes, keep), 'image_id': ex['image_id'],
             'height': hw[0], 'width': hw[1]}
 
-  ds = _decode(_read(_builder(config), _eval_split(config), key='config.data.eval_split'))
-  ds = ds.map(record, tf.data.AUTOTUNE, deterministic=True).with_options(_options())
+  ds = _decode(source.read(source.tfds_builder(config), source.eval_split(config), key='config.data.eval_split'))
+  ds = ds.map(record, tf.data.AUTOTUNE, deterministic=True).with_options(source.options())
   return coco.ground_truth(ds.as_numpy_iterator(), info.category_ids, info.class_names)
