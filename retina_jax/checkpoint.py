@@ -34,7 +34,7 @@ from retina_jax import errors
 def make_manager(workdir, keep):
   """A CheckpointManager writing to <workdir>/checkpoints, keeping the last `keep` steps."""
   if keep < 1:
-    raise ValueError(f'train.keep_checkpoints must be >= 1, got {keep}')
+    raise errors.BadValue(f'train.keep_checkpoints must be >= 1, got {keep}')
   # Synchronous: a save is on disk when save() returns, so SIGTERM and error paths need no waiting.
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
   if '://' not in workdir:
@@ -219,10 +219,10 @@ def restore_on_one_device(workdir, step=None):
   steps = manager.all_steps()
   manager.close()
   if not steps:
-    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints')
+    raise errors.NotFound(f'no checkpoint in {workdir}/checkpoints')
   step = max(steps) if step is None or step < 0 else step
   if step not in steps:
-    raise FileNotFoundError(f'checkpoint step {step} not found in {workdir}; saved steps: {sorted(steps)}')
+    raise errors.NotFound(f'checkpoint step {step} not found in {workdir}; saved steps: {sorted(steps)}')
   path = os.path.join(manager.directory, str(step), 'default')
   checkpointer = ocp.StandardCheckpointer()
   meta = checkpointer.metadata(path)

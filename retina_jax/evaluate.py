@@ -178,7 +178,7 @@ def evaluate(config, model, variables, mesh, step, workdir, predict=None, coco_g
 def _int32_ids(ids):
   ids = np.asarray(ids)
   if ids.size and (ids.max() >= 2**31 or ids.min() < -2**31):
-    raise ValueError(f'image_id {ids.max()} does not fit int32 (JAX runs without 64-bit ints)')
+    raise errors.BadValue(f'image_id {ids.max()} does not fit int32 (JAX runs without 64-bit ints)')
   return ids.astype(np.int32)
 
 

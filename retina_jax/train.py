@@ -203,7 +203,7 @@ class Progress:
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     finite_state = bool(metrics.pop('all_finite', True))
     if not (finite_state and np.isfinite(metrics['loss'])):
-      raise errors.Diverged(self._diverged(step, metrics, finite_state))
+      raise errors.Diverged(self._diverged(step, metrics))
     now = time.perf_counter()
     metrics['images_per_s'] = self.config.train.batch_size / (now - self.tick)
     self.tick = now
@@ -215,7 +215,7 @@ class Progress:
     self.bar.update(1)
     self.writer.write(step, metrics, flush_tensorboard=log)
 
-  def _diverged(self, step, metrics, finite_state):
+  def _diverged(self, step, metrics):
     if not np.isfinite(metrics['loss']):
       what = f'non-finite loss {metrics["loss"]}'
     else:

@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from retina_jax import errors
 from retina_jax.data import augment
 from retina_jax.data import coco
 from retina_jax.data import shapes
@@ -76,7 +77,7 @@ def dataset_info(config):
   if config.data.dataset == 'shapes':
     n = len(shapes.CLASS_NAMES)
     return DatasetInfo(n, shapes.CLASS_NAMES, tuple(range(1, n + 1)))
-  raise ValueError(f"config.data.dataset must be 'coco' or 'shapes', got {config.data.dataset!r}")
+  raise errors.BadValue(f"config.data.dataset must be 'coco' or 'shapes', got {config.data.dataset!r}")
 
 
 def _check_config(config, batch_size, batch_key, process_index, process_count):
@@ -84,24 +85,24 @@ def _check_config(config, batch_size, batch_key, process_index, process_count):
   info = dataset_info(config)
   canvas = tuple(d.canvas)
   if len(canvas) != 2 or any(int(s) <= 0 or int(s) % 128 for s in canvas):
-    raise ValueError(f'config.data.canvas must be (H, W), positive multiples of 128, got {d.canvas}')
+    raise errors.BadValue(f'config.data.canvas must be (H, W), positive multiples of 128, got {d.canvas}')
   if not 0 < d.min_size <= d.max_size:
-    raise ValueError(f'config.data.min_size ({d.min_size}) must be in (0, max_size={d.max_size}]')
+    raise errors.BadValue(f'config.data.min_size ({d.min_size}) must be in (0, max_size={d.max_size}]')
   lo, hi = d.scale_jitter
   if not 0 < lo <= hi:
-    raise ValueError(f'config.data.scale_jitter must be (lo, hi) with 0 < lo <= hi, got {d.scale_jitter}')
+    raise errors.BadValue(f'config.data.scale_jitter must be (lo, hi) with 0 < lo <= hi, got {d.scale_jitter}')
   if len(d.mean) != 3 or len(d.std) != 3 or min(d.std) <= 0:
-    raise ValueError(f'config.data.mean / std must be 3 values with std > 0, got {d.mean} / {d.std}')
+    raise errors.BadValue(f'config.data.mean / std must be 3 values with std > 0, got {d.mean} / {d.std}')
   if d.max_boxes < 1:
-    raise ValueError(f'config.data.max_boxes must be >= 1, got {d.max_boxes}')
+    raise errors.BadValue(f'config.data.max_boxes must be >= 1, got {d.max_boxes}')
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} not in [0, process_count={process_count})')
   if batch_size % process_count or batch_size < process_count:
-    raise ValueError(f'{batch_key}={batch_size} must be a positive multiple of the process count {process_count}')
+    raise errors.BadValue(f'{batch_key}={batch_size} must be a positive multiple of the process count {process_count}')
   # Fewer outputs would drop classes; more would give detections that no category id can
   # score. The torchvision loader maps its 91 outputs to the dataset's classes instead.
   if config.model.num_classes != info.num_classes:
-    raise ValueError(f'config.model.num_classes={config.model.num_classes} must equal the '
+    raise errors.BadValue(f'config.model.num_classes={config.model.num_classes} must equal the '
                      f'{info.num_classes} classes of dataset {d.dataset!r}')
 
 
@@ -183,7 +184,7 @@ def train_iterator(config, *, process_index=0, process_count=1, stats=None):
   ds = source.read(source.tfds_builder(config), split, shuffle_seed=seed, key='config.data.train_split')
   epoch = int(ds.cardinality())
   if epoch <= 0:  # 0: empty slice; negative: tfds could not tell its size
-    raise ValueError(f'{config.data.dataset} split {config.data.train_split!r} gives process '
+    raise errors.BadValue(f'{config.data.dataset} split {config.data.train_split!r} gives process '
                      f'{process_index} of {process_count} no examples (or an unknown number)')
   ds = ds.shuffle(config.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   # The position in the epoch survives decoding; its gaps are the skipped images.
@@ -212,7 +213,7 @@ def _train_batches(ds, epoch, stats, split):
     stats.add(batch, np.ones(len(position), bool))
     yield {k: batch[k] for k in _TRAIN_KEYS}
   # repeat() ends only when a whole epoch decoded nothing.
-  raise ValueError(f'no image of split {split!r} could be decoded')
+  raise errors.BadValue(f'no image of split {split!r} could be decoded')
 
 
 def eval_iterator(config, *, process_index=0, process_count=1, stats=None):
