@@ -192,8 +192,10 @@ def test_one_step_train_and_evaluate_on_mock_coco(tmp_path):
 
 # Issue 12 case 7: errors a user can fix are one line on stderr, no traceback, status 1.
 
-def _main(*args, timeout=300, **popen):
+def _main(*args, timeout=300, cache=None, **popen):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  if cache:
+    env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   return subprocess.run([sys.executable, '-m', 'retina_jax.main', *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout, **popen)
 
@@ -215,15 +217,22 @@ def test_user_errors_print_one_line(tmp_path, args, message):
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  """A tiny workdir trained 2 steps (checkpoints 1 and 2) without evaluation."""
+def trained(tmp_path_factory, compile_cache):
+  """A tiny workdir trained 2 steps (checkpoints 1 and 2) without evaluation, by the command line.
+
+  In a subprocess so that its compiled step lands in the compilation cache the SIGTERM
+  test's subprocess reads.
+  """
   c = shapes.get_config('tiny')
   c.data.data_dir = str(tmp_path_factory.mktemp('tfds'))
   c.mode = 'train'
   c.train.steps = 2
   c.train.checkpoint_every = 1
   workdir = str(tmp_path_factory.mktemp('trained'))
-  main.run(c, workdir)
+  result = _main('--config=configs/shapes.py:tiny', f'--workdir={workdir}', f'--config.data.data_dir={c.data.data_dir}',
+                 '--config.mode=train', '--config.train.steps=2', '--config.train.checkpoint_every=1',
+                 cache=compile_cache)
+  assert result.returncode == 0, result.stderr[-3000:]
   return c, workdir
 
 
