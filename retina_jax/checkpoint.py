@@ -99,7 +99,8 @@ def restore(manager, target, step=None, set_aside=False):
   steps = sorted(manager.all_steps(), reverse=True)
   if step is not None and step >= 0:
     if step not in steps:
-      raise errors.NotFound(f'checkpoint step {step} not found in {manager.directory}; saved steps: {steps[::-1]}')
+      raise errors.NotFound(
+          f'checkpoint step {step} not found in {manager.directory}; saved steps: {steps[::-1]}')
     state, reason = _read_checked(manager, step, abstract)
     if reason:
       raise errors.BadValue(f'checkpoint step {step} in {manager.directory} cannot be used: {reason}')

@@ -244,7 +244,8 @@ def test_bad_annotation_files_are_named(tmp_path, capsys):
   cases = [
       (_write(tmp_path / 'torn.json', '{"images": ['), r'torn\.json.* is not JSON'),
       (_write(tmp_path / 'list.json', '[]'), r'list\.json.* is not a COCO instances file: no images, annotations'),
-      (_write(tmp_path / 'other.json', json.dumps({'images': []})), r'not a COCO instances file: no annotations, categories'),
+      (_write(tmp_path / 'other.json', json.dumps({'images': []})),
+       r'not a COCO instances file: no annotations, categories'),
       # Shifted by one: with the old code this scored AP 2.41 instead of 4.87, silently.
       (_write(tmp_path / 'shifted.json', json.dumps(_instances([c - 1 for c in coco.CATEGORY_IDS]))),
        r"shifted\.json': its category ids \{0-10, 12-24, .*\} do not match the dataset's \{1-11, 13-25, .*"
@@ -253,7 +254,8 @@ def test_bad_annotation_files_are_named(tmp_path, capsys):
   for path, match in cases:
     with pytest.raises(ValueError, match=match):
       pipeline.eval_ground_truth(_config(annotation_file=path))
-  gt = pipeline.eval_ground_truth(_config(annotation_file=_write(tmp_path / 'ok.json', json.dumps(_instances(coco.CATEGORY_IDS)))))
+  ok = _write(tmp_path / 'ok.json', json.dumps(_instances(coco.CATEGORY_IDS)))
+  gt = pipeline.eval_ground_truth(_config(annotation_file=ok))
   assert gt.getImgIds() == [1]
   assert capsys.readouterr().out == ''  # pycocotools' "creating index..." stays out of the progress bar
 

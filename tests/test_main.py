@@ -229,9 +229,9 @@ def trained(tmp_path_factory, compile_cache):
   c.train.steps = 2
   c.train.checkpoint_every = 1
   workdir = str(tmp_path_factory.mktemp('trained'))
-  result = _main('--config=configs/shapes.py:tiny', f'--workdir={workdir}', f'--config.data.data_dir={c.data.data_dir}',
-                 '--config.mode=train', '--config.train.steps=2', '--config.train.checkpoint_every=1',
-                 cache=compile_cache)
+  result = _main('--config=configs/shapes.py:tiny', f'--workdir={workdir}',
+                 f'--config.data.data_dir={c.data.data_dir}', '--config.mode=train', '--config.train.steps=2',
+                 '--config.train.checkpoint_every=1', cache=compile_cache)
   assert result.returncode == 0, result.stderr[-3000:]
   return c, workdir
 

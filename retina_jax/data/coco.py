@@ -161,7 +161,8 @@ def read_annotation_file(path, category_ids, key='config.data.annotation_file'):
       dataset = json.load(f)
     except ValueError as e:
       raise errors.BadValue(f'{key}={path!r} is not JSON: {e}') from e
-  missing = [k for k in ('images', 'annotations', 'categories') if not isinstance(dataset, dict) or k not in dataset]
+  missing = [k for k in ('images', 'annotations', 'categories')
+             if not isinstance(dataset, dict) or k not in dataset]
   if missing:
     raise errors.BadValue(f'{key}={path!r} is not a COCO instances file: no {", ".join(missing)}')
   try:

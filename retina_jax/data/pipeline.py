@@ -295,6 +295,7 @@ def eval_ground_truth(config):
     return {**out, 'boxes': tf.boolean_mask(boxes, keep), 'image_id': ex['image_id'],
             'height': hw[0], 'width': hw[1]}
 
-  ds = _decode(source.read(source.tfds_builder(config), source.eval_split(config), key='config.data.eval_split'))
+  split = source.read(source.tfds_builder(config), source.eval_split(config), key='config.data.eval_split')
+  ds = _decode(split)
   ds = ds.map(record, tf.data.AUTOTUNE, deterministic=True).with_options(source.options())
   return coco.ground_truth(ds.as_numpy_iterator(), info.category_ids, info.class_names)
