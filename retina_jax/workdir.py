@@ -1,7 +1,8 @@
 """What a workdir records, so that no result is misattributed or overwritten.
 
-<workdir>/config.json is the config that trained the run; training writes it once. A
-rerun in the same workdir compares its config with that record, key by key:
+<workdir>/config.json is the config that trained the run; training writes it once (again
+only while the workdir holds no result: no checkpoint, no eval_<step>.json). A rerun in
+the same workdir compares its config with that record, key by key:
   * IGNORED keys change no recorded number (where data lives, how often to log, save or
     evaluate, batch sizes of evaluation, which checkpoint mode 'eval' reads);
   * EVAL keys change evaluation results only (post-processing, the eval split and its
@@ -93,6 +94,11 @@ def _write_json(path, value):
   tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
+def _has_results(workdir):
+  """Whether anything was trained or evaluated under the recorded config."""
+  return _latest_checkpoint(workdir) > 0 or bool(tf.io.gfile.glob(os.path.join(workdir, 'eval_*.json')))
+
+
 def _latest_checkpoint(workdir):
   directory = os.path.join(workdir, 'checkpoints')
   if not tf.io.gfile.isdir(directory):
@@ -115,7 +121,8 @@ def record_training_config(config, workdir, allow_change=False, lead=True):
   """
   recorded = read_config(workdir)
   path = os.path.join(workdir, 'config.json')
-  if recorded is None:
+  # A run that failed before it saved anything (e.g. data not prepared) leaves only its record.
+  if recorded is None or not _has_results(workdir):
     if lead:
       _write_json(path, config.to_dict())
     return

@@ -25,6 +25,7 @@ def _record(path):
 def test_a_new_run_records_its_config_and_a_rerun_with_the_same_training_values_passes(tmp_path):
   workdir.record_training_config(_config(), str(tmp_path))
   assert _record(tmp_path) == json.loads(json.dumps(_config().to_dict()))
+  os.makedirs(tmp_path / 'checkpoints' / '2')  # something was trained under the record
   # Where data lives, how often to log / save / evaluate and the mode change no recorded number.
   same = _config(data__data_dir='/elsewhere', train__log_every=7, train__checkpoint_every=3,
                  eval__visualize=0)
@@ -35,6 +36,7 @@ def test_a_new_run_records_its_config_and_a_rerun_with_the_same_training_values_
 
 def test_a_rerun_with_other_training_values_is_refused_listing_them(tmp_path):
   workdir.record_training_config(_config(), str(tmp_path))
+  (tmp_path / 'eval_4.json').write_text('{"AP": 0.5}')  # a result under the recorded config
   before = _record(tmp_path)
   with pytest.raises(ValueError) as info:
     workdir.record_training_config(_config(loss__gamma=0.0, train__steps=9), str(tmp_path))
@@ -45,6 +47,13 @@ def test_a_rerun_with_other_training_values_is_refused_listing_them(tmp_path):
   # Eval values count too: a workdir's eval_<step>.json files come from one config.
   with pytest.raises(ValueError, match=r'postprocess\.score_thresh 0\.05 -> 0\.999.*mode=eval'):
     workdir.record_training_config(_config(postprocess__score_thresh=0.999), str(tmp_path))
+
+
+def test_a_workdir_without_results_takes_the_new_config(tmp_path):
+  # A first attempt that failed before saving anything (e.g. COCO not prepared) trained nothing.
+  workdir.record_training_config(_config(), str(tmp_path))
+  workdir.record_training_config(_config(loss__gamma=0.0), str(tmp_path))
+  assert _record(tmp_path)['loss']['gamma'] == 0.0
 
 
 def test_an_allowed_change_keeps_the_old_record(tmp_path):
