@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -27,13 +26,14 @@ from retina_jax import main
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope='module', autouse=True)
+@pytest.fixture(scope='module')
 def compile_cache(tmp_path_factory):
-  """The end-to-end runs below compile the same tiny model: later ones (and subprocesses) read it."""
-  path = str(tmp_path_factory.mktemp('jax_cache'))
-  jax.config.update('jax_compilation_cache_dir', path)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  return path
+  """A compilation cache for the command-line runs below: the later ones read what the first wrote.
+
+  Only subprocesses use it: changing JAX's cache settings here would miss the compilations
+  this process already holds in memory.
+  """
+  return str(tmp_path_factory.mktemp('jax_cache'))
 
 
 @pytest.mark.parametrize('key, value, message', [
