@@ -4,6 +4,11 @@ Detections leave the device as fixed-size arrays [B, D, ...], are gathered from
 every process, mapped back to original-image pixels (divide by the resize
 scale, clip to the original size) and to COCO category ids, and scored by
 pycocotools' COCOeval against data.pipeline.eval_ground_truth(config).
+
+The ground truth is built (and the annotation file and eval split checked) before any
+inference, so a wrong input fails in seconds rather than after a pass over the split.
+pycocotools prints to stdout, into the progress bar's line: its output goes to the log
+(absl, INFO) and the result table is written through tqdm.
 """
 
 import contextlib
@@ -14,15 +19,19 @@ import os
 import jax
 import numpy as np
 import tensorflow as tf
+import tqdm
+from absl import logging
 from jax.experimental import multihost_utils
 from pycocotools import cocoeval
 
 from retina_jax import anchors as anchors_lib
 from retina_jax import boxes as boxes_lib
 from retina_jax import checkpoint
+from retina_jax import errors
 from retina_jax import postprocess
 from retina_jax import sharding
 from retina_jax import visualize
+from retina_jax.data import coco
 from retina_jax.data import pipeline
 
 METRICS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')  # COCOeval.stats[0:6]
@@ -85,19 +94,25 @@ def to_coco_rows(dets, meta, category_ids):
 
 
 def coco_metrics(coco_gt, rows, image_ids, verbose=True):
-  """COCO box AP of `rows` (see to_coco_rows) on `image_ids`; all zeros without detections."""
-  if len(rows) == 0:
-    return {k: 0.0 for k in METRICS}
-  coco_dt = coco_gt.loadRes(rows)
-  e = cocoeval.COCOeval(coco_gt, coco_dt, 'bbox')
-  e.params.imgIds = sorted(int(i) for i in image_ids)
+  """COCO box AP of `rows` (see to_coco_rows) on `image_ids`.
+
+  Without detections COCOeval still runs (on an empty result set), so a size without
+  ground truth stays -1 rather than 0. verbose: COCOeval's summary goes to the log.
+  """
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
+    if len(rows):
+      coco_dt = coco_gt.loadRes(rows)
+    else:  # loadRes cannot take an empty array
+      coco_dt = coco.from_dict({'images': coco_gt.dataset['images'], 'annotations': [],
+                                'categories': coco_gt.dataset['categories']})
+    e = cocoeval.COCOeval(coco_gt, coco_dt, 'bbox')
+    e.params.imgIds = sorted(int(i) for i in image_ids)
     e.evaluate()
     e.accumulate()
     e.summarize()
   if verbose:
-    print(out.getvalue(), end='')
+    logging.info('COCOeval:\n%s', out.getvalue())
   # COCOeval's -1 (no ground truth of that size, e.g. no large objects) is kept: 0 would
   # read as a model that finds none of them. format_table prints it as '-'.
   return {k: float(v) for k, v in zip(METRICS, e.stats[:6])}
@@ -109,7 +124,21 @@ def format_table(metrics, step):
   return f'step {step}\n| {head} |\n| {vals} |'
 
 
-def evaluate(config, model, variables, mesh, step, workdir, predict=None):
+def ground_truth(config):
+  """The eval split's ground truth, with every eval input checked (do this before inference).
+
+  Returns:
+    pycocotools.coco.COCO (see pipeline.eval_ground_truth).
+  Raises:
+    errors.UserError: the eval split does not exist or is not prepared; the annotation file
+      is missing, is not a COCO instances file or its categories do not match the dataset's.
+  """
+  lead = jax.process_index() == 0
+  with contextlib.redirect_stdout(io.StringIO()) if not lead else contextlib.nullcontext():
+    return pipeline.eval_ground_truth(config)
+
+
+def evaluate(config, model, variables, mesh, step, workdir, predict=None, coco_gt=None, record=None):
   """Runs the eval split, writes eval_<step>.json and detections_<step>.png.
 
   Args:
@@ -118,12 +147,15 @@ def evaluate(config, model, variables, mesh, step, workdir, predict=None):
     variables: {'params', 'batch_stats'}, replicated over the mesh.
     mesh: the ('data',) mesh.
     step: training step, for the file names.
-    workdir: run directory.
+    workdir: the directory to write to (the run's, or its evals/<key> for mode 'eval').
     predict: a make_predict_fn result to reuse (periodic evaluation compiles it once).
+    coco_gt: ground_truth(config), to reuse; built (and checked) here before inference if None.
+    record: more entries for eval_<step>.json (e.g. how the config differs from training's).
   Returns:
     dict AP, AP50, AP75, APs, APm, APl (fractions in [0, 1], -1 where the eval split has no
     object of that size, as COCOeval) plus step, images, detections.
   """
+  coco_gt = coco_gt if coco_gt is not None else ground_truth(config)
   predict = predict or make_predict_fn(config, model, mesh)
   anchors = jax.device_put(anchors_lib.from_config(config), sharding.replicated(mesh))
   info = pipeline.dataset_info(config)
@@ -143,14 +175,12 @@ def evaluate(config, model, variables, mesh, step, workdir, predict=None):
       shown.extend(_for_picture(local, dets, meta, config.eval.visualize - len(shown)))
   rows = np.concatenate(rows) if rows else np.zeros((0, 7))
   lead = jax.process_index() == 0
-  with contextlib.redirect_stdout(io.StringIO()) if not lead else contextlib.nullcontext():
-    coco_gt = pipeline.eval_ground_truth(config)
   metrics = coco_metrics(coco_gt, rows, image_ids, verbose=lead)
   metrics.update(step=int(step), images=len(image_ids), detections=len(rows))
   if lead:
-    print(format_table(metrics, step))
+    tqdm.tqdm.write(format_table(metrics, step))  # clears and redraws a training progress bar
     with tf.io.gfile.GFile(os.path.join(workdir, f'eval_{step}.json'), 'w') as f:
-      json.dump(metrics, f, indent=2)
+      json.dump({**metrics, **(record or {})}, f, indent=2)
     if shown:
       visualize.save_detections(
           os.path.join(workdir, f'detections_{step}.png'), shown, info.class_names,
@@ -161,7 +191,7 @@ def evaluate(config, model, variables, mesh, step, workdir, predict=None):
 def _int32_ids(ids):
   ids = np.asarray(ids)
   if ids.size and (ids.max() >= 2**31 or ids.min() < -2**31):
-    raise ValueError(f'image_id {ids.max()} does not fit int32 (JAX runs without 64-bit ints)')
+    raise errors.BadValue(f'image_id {ids.max()} does not fit int32 (JAX runs without 64-bit ints)')
   return ids.astype(np.int32)
 
 
@@ -180,13 +210,20 @@ def _for_picture(local, dets, meta, n):
   return out
 
 
-def evaluate_checkpoint(config, workdir):
-  """Mode 'eval': evaluates checkpoint eval.checkpoint_step (-1 the latest) of workdir.
+def evaluate_checkpoint(config, workdir, out_dir=None, record=None):
+  """Mode 'eval': evaluates checkpoint eval.checkpoint_step (-1 the newest usable) of workdir.
 
   Without any checkpoint, evaluates the initial (e.g. pretrained) weights as step 0.
+
+  Args:
+    config: the eval config.
+    workdir: the run directory whose checkpoints are read.
+    out_dir: where eval_<step>.json and detections_<step>.png go (default: workdir).
+    record: more entries for eval_<step>.json.
   """
   from retina_jax import train
   from retina_jax.model import retinanet
+  coco_gt = ground_truth(config)  # inputs checked before anything compiles
   mesh = sharding.make_mesh()
   model = retinanet.build(config)
   state, _ = train.create_train_state(config, model, mesh)
@@ -194,7 +231,8 @@ def evaluate_checkpoint(config, workdir):
   restored = checkpoint.restore(manager, state, config.eval.checkpoint_step)
   manager.close()
   if restored is None and not config.model.pretrained:
-    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints and no model.pretrained to evaluate')
+    raise errors.NotFound(f'no checkpoint in {workdir}/checkpoints and no config.model.pretrained to evaluate')
   state = state if restored is None else restored
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  return evaluate(config, model, variables, mesh, int(state.step), workdir)
+  return evaluate(config, model, variables, mesh, int(state.step), out_dir or workdir,
+                  coco_gt=coco_gt, record=record)

@@ -7,14 +7,20 @@ r"""Entry point: train, evaluate, or both, from an ml_collections config file.
 
 config.mode: 'train', 'eval' (checkpoint eval.checkpoint_step of the workdir, -1 the
 latest) or 'train_eval' (train, evaluate every train.eval_every steps and at the
-end). The whole config is checked by `validate` before anything starts.
+end). The whole config is checked by `validate` before anything starts, and a rerun's
+config against the one the workdir recorded (workdir.py).
 Multi-host (TPU pods, GPU clusters): --distributed lets JAX detect the cluster;
 --coordinator_address/--num_processes/--process_id set it by hand.
+
+Exit status: 0 done; 1 an error the message explains (a config value, a path, data not
+prepared, a diverged run: one line, no traceback unless --traceback); 143 (128 + SIGTERM)
+stopped by SIGTERM after saving, so that a scheduler requeues the job. Other failures are
+bugs and keep their traceback.
 """
 
-import json
+import logging as py_logging
 import math
-import os
+import sys
 
 from absl import app
 from absl import flags
@@ -32,6 +38,14 @@ _DISTRIBUTED = flags.DEFINE_bool(
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    'distributed_timeout', 300, 'Seconds to wait for every process to join the coordinator.')
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    'allow_config_change', False, 'Continue (or evaluate) a workdir whose config.json records other '
+    'values; the old record is kept as config_until_<step>.json.')
+_TRACEBACK = flags.DEFINE_bool('traceback', False, 'Show tracebacks of errors a user can fix too.')
+
+PREEMPTED_STATUS = 128 + 15  # what a shell reports for a process ended by SIGTERM
 
 _ENUMS = {
     'mode': ('train', 'eval', 'train_eval'),
@@ -172,37 +186,104 @@ def validate(config, num_devices=1, num_processes=1):
             f'and the process count ({num_processes})')
 
 
+def _exit(message, status=1):
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
+def _innermost_message(error):
+  """ml_collections wraps a KeyError's text in an AttributeError: the plain text inside."""
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  return str(error.args[0]) if error.args else str(error)
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a mistake in --config or its overrides reported in one line."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError) as e:
+    if '--traceback' in argv:
+      raise
+    if isinstance(e, flags.Error):
+      lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
+      # A config file's get_config raised: absl's text holds its traceback; the last line says why.
+      if 'Traceback' in str(e):
+        lines = [lines[0].replace(' Error whilst parsing config file:', ''), lines[-1]]
+      _exit(' '.join(lines).removeprefix('flag '))
+    # An override of a key the config lacks: ml_collections' "'stepz'\nDid you mean ...".
+    name, *hint = _innermost_message(e).splitlines()
+    given = [a.split('=')[0] for a in argv if a.startswith('--config.') and name.strip("'") in a]
+    _exit(f'{given[0] if given else "--config"}: unknown config key {name}' +
+          (f' ({" ".join(hint).strip()})' if hint else ''))
+
+
+def _load_config():
+  config = _CONFIG.value
+  try:
+    config.keys()  # a config file that failed to load raises its error at first use
+  except OSError as e:
+    raise errors.NotFound(f'--config: {str(e).strip().splitlines()[-1].strip()}') from e
+  return config
+
+
+class _QuietLibraries(py_logging.Filter):
+  """Drops tfds' info and warnings (e.g. 'Using custom data configuration' for the synthetic
+  set, once per evaluation), which would break into the progress bar's line."""
+
+  def filter(self, record):
+    return record.levelno >= py_logging.ERROR or 'tensorflow_datasets' not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file at INFO
-  config, workdir = _CONFIG.value, _WORKDIR.value
-  if config is None or not workdir:
+    py_logging.getLogger('absl').addFilter(_QuietLibraries())
+  workdir = _WORKDIR.value
+  if _CONFIG.value is None or not workdir:
     raise app.UsageError('--config and --workdir are required')
-  if _DISTRIBUTED.value or _COORDINATOR.value is not None:
-    from retina_jax import sharding
-    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  import jax
-  validate(config, jax.device_count(), jax.process_count())
-  run(config, workdir)
+  try:
+    config = _load_config()
+    if _DISTRIBUTED.value or _COORDINATOR.value is not None:
+      from retina_jax import sharding
+      sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                      timeout_s=_DISTRIBUTED_TIMEOUT.value)
+    import jax
+    validate(config, jax.device_count(), jax.process_count())
+    from retina_jax import train
+    try:
+      run(config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    except train.Preempted as e:
+      print(f'{e}; exiting with status {PREEMPTED_STATUS} so that the job is requeued', file=sys.stderr)
+      sys.exit(PREEMPTED_STATUS)
+  except errors.UserError as e:
+    if _TRACEBACK.value:
+      raise
+    _exit(e)
 
 
-def run(config, workdir):
-  """Runs config.mode in `workdir`; returns the last evaluation's metrics (or None)."""
+def run(config, workdir, allow_config_change=False):
+  """Runs config.mode in `workdir`; returns the last evaluation's metrics (or None).
+
+  Training modes record the config in workdir/config.json, or check a rerun against it;
+  mode 'eval' writes under workdir/evals/<key>/ and never touches the training records.
+  """
   import jax
   import tensorflow as tf
   from retina_jax import evaluate
   from retina_jax import train
+  from retina_jax import workdir as workdir_lib
   tf.io.gfile.makedirs(workdir)
-  if jax.process_index() == 0:
-    with tf.io.gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(json.dumps(config.to_dict(), indent=2, default=str))
+  lead = jax.process_index() == 0
   if config.mode == 'eval':
-    return evaluate.evaluate_checkpoint(config, workdir)
+    out_dir, changed = workdir_lib.evaluation_dir(config, workdir, allow_config_change, lead)
+    return evaluate.evaluate_checkpoint(config, workdir, out_dir, record={'changed_from_training': changed})
+  workdir_lib.record_training_config(config, workdir, allow_config_change, lead)
   return train.train_and_evaluate(config, workdir)
 
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

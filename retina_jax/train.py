@@ -45,6 +45,7 @@ from retina_jax import metric_writer
 from retina_jax import optim
 from retina_jax import sharding
 from retina_jax.data import pipeline
+from retina_jax.data import source
 from retina_jax.model import retinanet
 
 
@@ -202,7 +203,7 @@ class Progress:
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     finite_state = bool(metrics.pop('all_finite', True))
     if not (finite_state and np.isfinite(metrics['loss'])):
-      raise errors.Diverged(self._diverged(step, metrics, finite_state))
+      raise errors.Diverged(self._diverged(step, metrics))
     now = time.perf_counter()
     metrics['images_per_s'] = self.config.train.batch_size / (now - self.tick)
     self.tick = now
@@ -214,7 +215,7 @@ class Progress:
     self.bar.update(1)
     self.writer.write(step, metrics, flush_tensorboard=log)
 
-  def _diverged(self, step, metrics, finite_state):
+  def _diverged(self, step, metrics):
     if not np.isfinite(metrics['loss']):
       what = f'non-finite loss {metrics["loss"]}'
     else:
@@ -273,13 +274,19 @@ def train_and_evaluate(config, workdir):
 
   Returns:
     The last evaluation's metrics (mode 'train_eval') or None (mode 'train').
+  Raises:
+    Preempted: after saving on SIGTERM.
+    errors.Diverged: a non-finite loss or state (nothing non-finite is saved).
   """
+  # Inputs first: a wrong split or annotation file fails in seconds, not after training.
+  source.check_splits(config, train=True, evaluation=False)
+  coco_gt = evaluate.ground_truth(config) if config.mode == 'train_eval' else None
   mesh = sharding.make_mesh()
   model = retinanet.build(config)
   anchors = jax.device_put(anchors_lib.from_config(config), sharding.replicated(mesh))
   state, tx = create_train_state(config, model, mesh)
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
-  restored = checkpoint.restore(manager, state)
+  restored = checkpoint.restore(manager, state, set_aside=True)
   state = state if restored is None else restored
   start = int(state.step)
   total, _, _ = optim.scaled_steps(config)
@@ -315,13 +322,13 @@ def train_and_evaluate(config, workdir):
         progress.bar.write(f'SIGTERM: saved step {step} in {workdir}; the same command resumes')
         raise Preempted(f'SIGTERM at step {step}; saved in {workdir}')
       if evaluating:
-        result = evaluate.evaluate(config, model, _variables(state), mesh, step, workdir, predict)
+        result = evaluate.evaluate(config, model, _variables(state), mesh, step, workdir, predict, coco_gt)
   finally:
     progress.close()
     stop.restore()
     manager.close()
   if config.mode == 'train_eval' and result is None and start == total:
-    result = evaluate.evaluate(config, model, _variables(state), mesh, total, workdir, predict)
+    result = evaluate.evaluate(config, model, _variables(state), mesh, total, workdir, predict, coco_gt)
   return result
 
 

@@ -1,5 +1,9 @@
-"""Save / restore round trip, keep-N, and clear errors for a missing step."""
+"""Save / restore round trip, keep-N, clear errors for a missing step, damaged checkpoints."""
 
+import logging
+import os
+
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,3 +94,121 @@ def test_restore_variables_errors_name_the_problem(tmp_path):
   more['params']['head'] = {'bias': jax.ShapeDtypeStruct((4,), jnp.float32)}
   with pytest.raises(ValueError, match='no variable params/head/bias'):
     checkpoint.restore_variables(str(tmp_path), more)
+
+
+# Issue 12 case 3: a damaged latest checkpoint is reported in one line and the previous one is used.
+
+def _largest_data_file(directory, step):
+  files = [os.path.join(root, f) for root, _, names in os.walk(os.path.join(directory, str(step)))
+           for f in names if os.sep + 'd' + os.sep in os.path.join(root, f)]
+  return max(files, key=os.path.getsize)
+
+
+def _truncate(path):
+  with open(path, 'rb') as f:
+    data = f.read()
+  with open(path, 'wb') as f:
+    f.write(data[:len(data) // 2])
+
+
+def _flip_bytes(path):
+  with open(path, 'rb') as f:
+    data = bytearray(f.read())
+  for i in range(len(data) // 2, len(data) // 2 + 8):
+    data[i] ^= 0xFF
+  with open(path, 'wb') as f:
+    f.write(bytes(data))
+
+
+def _big_state(value):
+  """Large enough that orbax writes the arrays as compressed data files."""
+  return {'step': jnp.asarray(value, jnp.int32),
+          'params': {'w': jnp.arange(4000.0).reshape(40, 100) * value, 'b': jnp.full((7,), float(value))}}
+
+
+def _two_checkpoints(tmp_path):
+  manager = checkpoint.make_manager(str(tmp_path), keep=3)
+  checkpoint.save(manager, 2, _big_state(2))
+  checkpoint.save(manager, 4, _big_state(4))
+  manager.close()
+  return str(tmp_path / 'checkpoints')
+
+
+@pytest.mark.parametrize('damage, reason', [
+    (_truncate, 'ValueError: OUT_OF_RANGE'),
+    (_flip_bytes, 'differ from what was saved'),
+])
+def test_a_damaged_latest_step_is_reported_and_the_previous_one_used(tmp_path, capfd, caplog, damage, reason):
+  directory = _two_checkpoints(tmp_path)
+  damage(_largest_data_file(directory, 4))
+  manager = checkpoint.make_manager(str(tmp_path), keep=3)
+  restored = checkpoint.restore(manager, _big_state(0))
+  jax.tree.map(np.testing.assert_array_equal, restored, _big_state(2))
+  warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert len(warnings) == 1 and '\n' not in warnings[0], warnings
+  assert warnings[0].startswith(f'checkpoint step 4 in {directory} cannot be used (') and reason in warnings[0]
+  assert warnings[0].endswith('; using step 2')
+  assert 'Event loop is closed' not in capfd.readouterr().err  # orbax's dying reads stay quiet
+  assert sorted(manager.all_steps()) == [2, 4]  # evaluation only reads: nothing moved or deleted
+  with pytest.raises(ValueError, match=r'^checkpoint step 4 in .* cannot be used: '):
+    checkpoint.restore(manager, _big_state(0), step=4)  # asked for by number: no fallback
+  manager.close()
+
+
+def test_training_sets_a_damaged_step_aside_and_can_save_it_again(tmp_path):
+  directory = _two_checkpoints(tmp_path)
+  _truncate(_largest_data_file(directory, 4))
+  manager = checkpoint.make_manager(str(tmp_path), keep=3)
+  restored = checkpoint.restore(manager, _big_state(0), set_aside=True)
+  assert int(restored['step']) == 2 and manager.all_steps() == [2]
+  assert os.path.isdir(tmp_path / 'checkpoints_unusable' / '4')  # kept for a post-mortem
+  checkpoint.save(manager, 4, _big_state(4))  # the resumed run reaches step 4 again
+  jax.tree.map(np.testing.assert_array_equal, checkpoint.restore(manager, _big_state(0)), _big_state(4))
+  manager.close()
+
+
+def test_a_non_finite_or_misnumbered_state_is_not_used(tmp_path):
+  manager = checkpoint.make_manager(str(tmp_path), keep=3)
+  checkpoint.save(manager, 2, _big_state(2))
+  checkpoint.save(manager, 3, _big_state(7))  # a state of another step under this number
+  nan = _big_state(4)
+  nan['params']['b'] = nan['params']['b'].at[0].set(jnp.nan)
+  checkpoint.save(manager, 4, nan)  # as versions before issue 12 could
+  with pytest.raises(ValueError) as info:
+    checkpoint.restore(manager, _big_state(0), step=4)
+  assert 'non-finite' in str(info.value)
+  with pytest.raises(ValueError, match='holds the state of step 7'):
+    checkpoint.restore(manager, _big_state(0), step=3)
+  assert int(checkpoint.restore(manager, _big_state(0))['step']) == 2
+  manager.close()
+
+
+def test_no_usable_checkpoint_is_an_error_naming_every_step(tmp_path):
+  directory = _two_checkpoints(tmp_path)
+  for step in (2, 4):
+    _truncate(_largest_data_file(directory, step))
+  manager = checkpoint.make_manager(str(tmp_path), keep=3)
+  with pytest.raises(ValueError, match=r'no usable checkpoint in .*: step 4: .*; step 2: '):
+    checkpoint.restore(manager, _big_state(0), set_aside=True)
+  assert sorted(manager.all_steps()) == [2, 4]  # nothing moved when nothing is usable
+  manager.close()
+
+
+@flax.struct.dataclass
+class _State:
+  step: jax.Array
+  params: dict
+
+
+def test_a_step_without_its_metadata_is_reported_and_the_previous_one_used(tmp_path, caplog):
+  # Issue 12: restoring into a dataclass state without default/_METADATA was a 54-line pytree mismatch.
+  manager = checkpoint.make_manager(str(tmp_path), keep=3)
+  for step in (2, 4):
+    checkpoint.save(manager, step, _State(step=jnp.asarray(step), params={'w': jnp.full((3,), float(step))}))
+  manager.close()
+  os.remove(tmp_path / 'checkpoints' / '4' / 'default' / '_METADATA')
+  manager = checkpoint.make_manager(str(tmp_path), keep=3)
+  restored = checkpoint.restore(manager, _State(step=jnp.asarray(0), params={'w': jnp.zeros(3)}))
+  assert int(restored.step) == 2
+  assert 'checkpoint step 4' in caplog.text and 'using step 2' in caplog.text
+  manager.close()

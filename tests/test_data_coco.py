@@ -8,6 +8,7 @@ returns it, passed to mock_data as its as_dataset_fn.
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from tensorflow_datasets.testing import mocking
 from configs import base
 from retina_jax.data import coco
 from retina_jax.data import pipeline
+from retina_jax.data import source
 
 _SIGNATURE = {
     'image': tf.TensorSpec((), tf.string),
@@ -206,3 +208,65 @@ def test_ground_truth_from_annotation_file(tmp_path):
 def test_bad_config_names_the_key(key, value, match):
   with pytest.raises(ValueError, match=match):
     pipeline.train_iterator(_config(**{key: value}))
+
+
+# Issue 12 cases 4 and 6: unprepared COCO and bad eval inputs stop at once, with one clear message.
+
+def test_unprepared_coco_is_never_downloaded(tmp_path):
+  # The old pipeline called download_and_prepare: a ~25 GB download from inside the job, or
+  # offline a 220 s failure leaving partial files.
+  config = _config(data_dir=str(tmp_path))
+  for start in (lambda: pipeline.train_iterator(config),
+                lambda: source.check_splits(config, train=True, evaluation=True)):
+    with pytest.raises(FileNotFoundError) as info:
+      start()
+    message = str(info.value)
+    assert message.startswith(f'coco/2017 is not prepared in config.data.data_dir={str(tmp_path)!r} '
+                              f'(looked for {tmp_path}/coco/2017/')
+    assert f'tfds build coco/2017 --data_dir={tmp_path} --file_format=tfrecord' in message
+    assert '\n' not in message
+  assert os.listdir(tmp_path) == []  # nothing downloaded or half-written
+
+
+def _write(path, text):
+  path.write_text(text)
+  return str(path)
+
+
+def _instances(category_ids):
+  return {'images': [{'id': 1, 'height': 40, 'width': 60, 'file_name': '1.jpg'}],
+          'annotations': [{'id': 1, 'image_id': 1, 'category_id': category_ids[0], 'bbox': [1, 2, 3, 4],
+                           'area': 12.0, 'iscrowd': 0}],
+          'categories': [{'id': c, 'name': str(c)} for c in category_ids]}
+
+
+def test_bad_annotation_files_are_named(tmp_path, capsys):
+  cases = [
+      (_write(tmp_path / 'torn.json', '{"images": ['), r'torn\.json.* is not JSON'),
+      (_write(tmp_path / 'list.json', '[]'), r'list\.json.* is not a COCO instances file: no images, annotations'),
+      (_write(tmp_path / 'other.json', json.dumps({'images': []})),
+       r'not a COCO instances file: no annotations, categories'),
+      # Shifted by one: with the old code this scored AP 2.41 instead of 4.87, silently.
+      (_write(tmp_path / 'shifted.json', json.dumps(_instances([c - 1 for c in coco.CATEGORY_IDS]))),
+       r"shifted\.json': its category ids \{0-10, 12-24, .*\} do not match the dataset's \{1-11, 13-25, .*"
+       r'labels without a category: \{11, 25, .*, 90\}; annotated categories without a label: \{0\}'),
+  ]
+  for path, match in cases:
+    with pytest.raises(ValueError, match=match):
+      pipeline.eval_ground_truth(_config(annotation_file=path))
+  ok = _write(tmp_path / 'ok.json', json.dumps(_instances(coco.CATEGORY_IDS)))
+  gt = pipeline.eval_ground_truth(_config(annotation_file=ok))
+  assert gt.getImgIds() == [1]
+  assert capsys.readouterr().out == ''  # pycocotools' "creating index..." stays out of the progress bar
+
+
+def test_a_wrong_split_name_is_named_with_the_splits_there_are(tmp_path):
+  from configs import shapes as shapes_config
+  config = shapes_config.get_config('tiny')
+  config.data.data_dir = str(tmp_path)
+  config.data.eval_split = 'valdation'
+  with pytest.raises(ValueError, match=r"^config\.data\.eval_split='valdation': Unknown split 'valdation'\. "
+                     r"Should be one of \['train', 'validation'\]"):
+    source.check_splits(config, train=True, evaluation=True)
+  config.data.eval_split = 'validation[:4]'
+  source.check_splits(config, train=True, evaluation=True)  # slices are split names too

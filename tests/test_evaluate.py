@@ -1,6 +1,7 @@
 """Detections -> COCO rows (scale, clipping, category ids) and COCO metrics edge cases."""
 
 import numpy as np
+import pytest
 from pycocotools import coco as coco_api
 
 from retina_jax import evaluate
@@ -63,9 +64,39 @@ def test_perfect_detections_score_ap_one():
   assert cells[0] == '100.00' and cells[5] == '-'  # AP, then APl without large objects
 
 
-def test_zero_detections_give_zero_ap():
-  metrics = evaluate.coco_metrics(_ground_truth(), np.zeros((0, 7)), [5, 9])
-  assert metrics == {k: 0.0 for k in evaluate.METRICS}
+def test_zero_detections_give_zero_ap_and_no_ground_truth_stays_a_dash(capsys):
+  # Issue 12: without detections every metric was 0.00, APl included, where there is no large object.
+  gt = _ground_truth()
+  capsys.readouterr()  # building the test's ground truth prints; evaluation must not
+  metrics = evaluate.coco_metrics(gt, np.zeros((0, 7)), [5, 9])
+  assert metrics == {'AP': 0.0, 'AP50': 0.0, 'AP75': 0.0, 'APs': 0.0, 'APm': 0.0, 'APl': -1.0}
+  assert evaluate.format_table(metrics, 1).splitlines()[-1].split('|')[-2].strip() == '-'
+  assert capsys.readouterr().out == ''
+
+
+def test_pycocotools_prints_nothing_to_stdout(capsys):
+  # Issue 12: loadRes and COCOeval printed into the progress bar's line; their text goes to the log.
+  rows = evaluate.to_coco_rows(_detections(0.5), _meta(0.5), category_ids=[3, 7])
+  gt = _ground_truth()
+  capsys.readouterr()
+  evaluate.coco_metrics(gt, rows, [5, 9])
+  assert capsys.readouterr().out == ''
+
+
+def test_eval_inputs_are_checked_before_any_inference(tmp_path):
+  # Issue 12: a malformed annotation file failed only after inference over the whole split.
+  from configs import shapes
+  from retina_jax import sharding
+  config = shapes.get_config('tiny')
+  config.data.data_dir = str(tmp_path / 'tfds')
+  config.data.annotation_file = str(tmp_path / 'instances.json')
+  (tmp_path / 'instances.json').write_text('{"images": [], "annotations": [')
+
+  def predict(*args):
+    raise AssertionError('inference ran before the inputs were checked')
+
+  with pytest.raises(ValueError, match=r'instances\.json.* is not JSON'):
+    evaluate.evaluate(config, None, None, sharding.make_mesh(), 1, str(tmp_path), predict=predict)
 
 
 def test_picture_is_written(tmp_path):

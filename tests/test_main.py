@@ -1,14 +1,21 @@
 """Config validation, command-line overrides, and one-step train + evaluate end to end."""
 
 import json
+import logging as py_logging
 import os
 import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 from tensorflow_datasets.testing import mocking
 
@@ -171,3 +178,136 @@ def test_one_step_train_and_evaluate_on_mock_coco(tmp_path):
     metrics = main.run(c, workdir)
   _check_run(workdir, metrics)
   assert metrics['images'] == 8
+
+
+# Issue 12 case 7: errors a user can fix are one line on stderr, no traceback, status 1.
+
+def _main(*args, timeout=300, **popen):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  return subprocess.run([sys.executable, '-m', 'retina_jax.main', *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout, **popen)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--config=configs/shapez.py'], "--config: [Errno 2] No such file or directory: 'configs/shapez.py'"),
+    (['--config=configs/shapes.py:tiny', '--config.train.stepz=3'],
+     '--config.train.stepz: unknown config key \'stepz\' (Did you mean "steps" instead of "stepz"?)'),
+    (['--config=configs/shapes.py:nano'],
+     "--config=configs/shapes.py:nano: ValueError: configs/shapes.py: unknown argument 'nano'"),
+    (['--config=configs/shapes.py:tiny', '--config.optim.base_lr=inf'], 'config.optim.base_lr=inf: must be finite'),
+])
+def test_user_errors_print_one_line(tmp_path, args, message):
+  result = _main(*args, f'--workdir={tmp_path}')
+  assert result.returncode == 1, result.stderr
+  assert 'Traceback' not in result.stderr and result.stdout == ''
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: ' + message), result.stderr
+
+
+@pytest.fixture(scope='module')
+def preempted(tmp_path_factory):
+  """A tiny run from the command line, stopped by SIGTERM once step 1 is logged.
+
+  Checkpoints are saved every step, so the workdir holds at least steps 1 and 2.
+  Returns:
+    (the config as the command line built it, workdir, exit status, stderr).
+  """
+  c = shapes.get_config('tiny')
+  c.data.data_dir = str(tmp_path_factory.mktemp('tfds'))
+  c.mode, c.train.steps, c.train.checkpoint_every = 'train', 1000, 1
+  workdir = str(tmp_path_factory.mktemp('preempted'))
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'retina_jax.main', '--config=configs/shapes.py:tiny', f'--workdir={workdir}',
+       f'--config.data.data_dir={c.data.data_dir}', '--config.mode=train', '--config.train.steps=1000',
+       '--config.train.checkpoint_every=1'],
+      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 600
+  while not (os.path.exists(metrics) and os.path.getsize(metrics)) and time.time() < deadline:
+    if proc.poll() is not None:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=600)
+  return c, workdir, proc.returncode, err
+
+
+def _files(workdir):
+  out = {}
+  for root, _, names in os.walk(workdir):
+    for name in names:
+      with open(os.path.join(root, name), 'rb') as f:
+        out[os.path.relpath(os.path.join(root, name), workdir)] = f.read()
+  return out
+
+
+def _steps(workdir):
+  return sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_with_status_143(preempted):
+  # Issue 12 case 7: SIGTERM exited 0, so a scheduler could not tell preempted from finished.
+  _, workdir, status, err = preempted
+  assert status == 143, err[-3000:]
+  last = _steps(workdir)[-1]
+  assert f'SIGTERM at step {last}; saved in {workdir}; exiting with status 143' in err
+  assert 'Traceback' not in err
+
+
+@pytest.mark.slow
+def test_a_rerun_with_another_config_is_refused_and_changes_nothing(preempted):
+  # Issue 12 case 2: it evaluated the old model under the new config and rewrote config.json.
+  config, workdir, _, _ = preempted
+  before = _files(workdir)
+  c = config.copy_and_resolve_references()
+  c.loss.gamma = 0.0
+  with pytest.raises(ValueError, match=r'config\.json records other values: loss\.gamma 2\.0 -> 0\.0'):
+    main.run(c, workdir)
+  assert _files(workdir) == before
+
+
+@pytest.mark.slow
+def test_evaluation_writes_its_own_record_and_skips_a_damaged_checkpoint(preempted, tmp_path, caplog):
+  config, trained_dir, _, _ = preempted
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(trained_dir, workdir)
+  *_, good, latest = _steps(workdir)
+  data = [os.path.join(r, f) for r, _, names in os.walk(os.path.join(workdir, 'checkpoints', str(latest)))
+          for f in names if f'{os.sep}d{os.sep}' in os.path.join(r, f)]
+  for path in data:  # damage the latest step: its arrays no longer match their fingerprints
+    with open(path, 'r+b') as f:
+      f.seek(os.path.getsize(path) // 2)
+      f.write(b'\xff' * 8)
+  before = _files(workdir)
+  c = config.copy_and_resolve_references()
+  c.mode = 'eval'
+  c.data.eval_images = 4  # an eval value: the training run's records must not be touched
+  metrics = main.run(c, workdir)
+  assert metrics['step'] == good and metrics['images'] == 4  # the latest reported and skipped
+  assert f'checkpoint step {latest}' in caplog.text and f'using step {good}' in caplog.text
+  after = _files(workdir)
+  assert {k: v for k, v in after.items() if k in before} == before  # nothing rewritten or removed
+  new = sorted(k for k in after if k not in before)
+  assert [os.path.basename(k) for k in new] == ['config.json', f'detections_{good}.png', f'eval_{good}.json']
+  assert all(k.startswith('evals' + os.sep) for k in new)
+  record = json.loads(after[[k for k in new if k.endswith('.json') and 'eval_' in k][0]])
+  assert record['changed_from_training'] == {'data.eval_images': [0, 4]}
+  assert record['AP'] == metrics['AP']
+
+
+def test_tfds_chatter_stays_out_of_the_progress_bar(tmp_path, caplog):
+  # Issue 12: tfds logged 'Using custom data configuration' into the bar's line at every evaluation.
+  from retina_jax.data import shapes as shapes_data
+  quiet = main._QuietLibraries()  # what main installs unless --verbosity is given
+  absl_logger = py_logging.getLogger('absl')
+  absl_logger.addFilter(quiet)
+  try:
+    with caplog.at_level(py_logging.INFO):
+      shapes_data.builder(shapes.get_config('tiny').data.shapes, str(tmp_path))
+      absl_logging.warning('data: skipped 1 undecodable image(s) of train')  # ours stays
+  finally:
+    absl_logger.removeFilter(quiet)
+  assert 'Using custom data configuration' not in caplog.text
+  assert 'data: skipped 1 undecodable image(s)' in caplog.text

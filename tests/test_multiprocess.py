@@ -98,3 +98,17 @@ def test_two_processes_equal_one_process(tmp_path):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
   with open(os.path.join(two, 'eval_3.json')) as f:
     assert json.load(f)['images'] == config.data.shapes.num_val
+
+
+def test_a_missing_peer_times_out_naming_the_coordinator(tmp_path):
+  # Issue 12: with a peer missing the process waited silently (JAX's default is 300 s, then an abort).
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  address = f'127.0.0.1:{_free_port()}'
+  result = subprocess.run(
+      [sys.executable, '-m', 'retina_jax.main', '--config=configs/shapes.py:tiny', f'--workdir={tmp_path}',
+       f'--coordinator_address={address}', '--num_processes=2', '--process_id=1', '--distributed_timeout=2'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert f'process 1 of 2 joining {address} (waiting up to 2 s)' in result.stderr
+  assert f'error: distributed: process 1 of 2: not every process joined {address} within 2 s' in result.stderr
+  assert 'Check failure' not in result.stderr

@@ -152,3 +152,37 @@ def test_non_finite_state_with_a_finite_loss_names_the_last_good_checkpoint(conf
     progress.record(3, metrics)
   progress.close()
   manager.close()
+
+
+def test_resume_sets_a_damaged_latest_checkpoint_aside_and_continues(config, tmp_path, caplog):
+  # Issue 12 case 3: a truncated latest checkpoint gave ~330 lines of tracebacks and no fallback.
+  c = config.copy_and_resolve_references()
+  c.train.checkpoint_every = 2
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(c, workdir)  # checkpoints 2 and 4
+  _, uninterrupted = checkpoint.restore_on_one_device(workdir, 4)
+  data = [os.path.join(r, f) for r, _, names in os.walk(os.path.join(workdir, 'checkpoints', '4'))
+          for f in names if f'{os.sep}d{os.sep}' in os.path.join(r, f)]
+  for path in data:
+    with open(path, 'r+b') as f:
+      f.truncate(os.path.getsize(path) // 2)
+  train.train_and_evaluate(c, workdir)  # resumes from step 2 and saves step 4 again
+  assert 'checkpoint step 4' in caplog.text and 'checkpoints_unusable' in caplog.text
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints_unusable', '4'))
+  _, resumed = checkpoint.restore_on_one_device(workdir, 4)
+  for x, y in zip(jax.tree.leaves(uninterrupted), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_a_wrong_eval_split_fails_before_anything_compiles(config, tmp_path, monkeypatch):
+  # Issue 12 case 6: a wrong split name failed after compilation (and, in train_eval, after training).
+  c = config.copy_and_resolve_references()
+  c.mode = 'train_eval'
+  c.data.eval_split = 'valdation'
+
+  def no_compiling(*args, **kwargs):
+    raise AssertionError('the model was built before the inputs were checked')
+
+  monkeypatch.setattr(train, 'create_train_state', no_compiling)
+  with pytest.raises(ValueError, match=r"config\.data\.eval_split='valdation': Unknown split"):
+    train.train_and_evaluate(c, str(tmp_path / 'run'))

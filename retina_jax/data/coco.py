@@ -5,11 +5,16 @@ tfds coco/2017 numbers the 80 categories 0..79 in the order of their COCO ids
 set has the same features; its category ids are simply label + 1.
 """
 
+import contextlib
+import io
+import json
+
 import numpy as np
 from pycocotools import coco as pycoco
 import tensorflow as tf
 
 from retina_jax import boxes as box_lib
+from retina_jax import errors
 
 CATEGORY_IDS = (
     1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21,
@@ -129,5 +134,58 @@ def from_dict(dataset):
   """pycocotools COCO from an in-memory dataset dict (no file, no printing)."""
   gt = pycoco.COCO()
   gt.dataset = dataset
-  gt.createIndex()
+  with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints into the progress bar's line
+    gt.createIndex()
   return gt
+
+
+def _ranges(ids):
+  """Sorted ids as compact text: [1, 2, 3, 5] -> '1-3, 5'."""
+  ids, out = sorted(ids), []
+  for i in ids:
+    if out and i == out[-1][1] + 1:
+      out[-1][1] = i
+    else:
+      out.append([i, i])
+  return '{' + ', '.join(f'{a}-{b}' if b > a else f'{a}' for a, b in out) + '}'
+
+
+def read_annotation_file(path, category_ids, key='config.data.annotation_file'):
+  """A COCO instances file, checked against the dataset's labels before any inference.
+
+  Args:
+    path: instances_*.json (local or gs://).
+    category_ids: the COCO id of each label (what detections are reported as).
+    key: the config key that named the file, for messages.
+  Returns:
+    pycocotools.coco.COCO.
+  Raises:
+    errors.NotFound / errors.BadValue naming the file: missing, not JSON, not a COCO
+    instances file, or category ids that do not cover the labels' (e.g. shifted by one,
+    which would score every detection against the wrong class), or annotations of
+    categories no label maps to.
+  """
+  if not tf.io.gfile.exists(path):
+    raise errors.NotFound(f'{key}={path!r} does not exist')
+  with tf.io.gfile.GFile(path) as f:
+    try:
+      dataset = json.load(f)
+    except ValueError as e:
+      raise errors.BadValue(f'{key}={path!r} is not JSON: {e}') from e
+  missing = [k for k in ('images', 'annotations', 'categories')
+             if not isinstance(dataset, dict) or k not in dataset]
+  if missing:
+    raise errors.BadValue(f'{key}={path!r} is not a COCO instances file: no {", ".join(missing)}')
+  try:
+    in_file = {int(c['id']) for c in dataset['categories']}
+    annotated = {int(a['category_id']) for a in dataset['annotations']}
+  except (KeyError, TypeError, ValueError) as e:
+    raise errors.BadValue(f'{key}={path!r}: a category without an id or an annotation without '
+                          f'a category_id ({e!r})') from e
+  labels = {int(c) for c in category_ids}
+  if not labels <= in_file or not annotated <= labels:
+    raise errors.BadValue(
+        f'{key}={path!r}: its category ids {_ranges(in_file)} do not match the dataset\'s {_ranges(labels)} '
+        f'(labels without a category: {_ranges(labels - in_file)}; annotated categories without a label: '
+        f'{_ranges(annotated - labels)})')
+  return from_dict(dataset)

@@ -30,9 +30,11 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from retina_jax import errors
 from retina_jax.data import augment
 from retina_jax.data import coco
 from retina_jax.data import shapes
+from retina_jax.data import source
 
 # JAX owns the accelerators; tf only reads data on the host.
 try:
@@ -75,7 +77,7 @@ def dataset_info(config):
   if config.data.dataset == 'shapes':
     n = len(shapes.CLASS_NAMES)
     return DatasetInfo(n, shapes.CLASS_NAMES, tuple(range(1, n + 1)))
-  raise ValueError(f"config.data.dataset must be 'coco' or 'shapes', got {config.data.dataset!r}")
+  raise errors.BadValue(f"config.data.dataset must be 'coco' or 'shapes', got {config.data.dataset!r}")
 
 
 def _check_config(config, batch_size, batch_key, process_index, process_count):
@@ -83,50 +85,25 @@ def _check_config(config, batch_size, batch_key, process_index, process_count):
   info = dataset_info(config)
   canvas = tuple(d.canvas)
   if len(canvas) != 2 or any(int(s) <= 0 or int(s) % 128 for s in canvas):
-    raise ValueError(f'config.data.canvas must be (H, W), positive multiples of 128, got {d.canvas}')
+    raise errors.BadValue(f'config.data.canvas must be (H, W), positive multiples of 128, got {d.canvas}')
   if not 0 < d.min_size <= d.max_size:
-    raise ValueError(f'config.data.min_size ({d.min_size}) must be in (0, max_size={d.max_size}]')
+    raise errors.BadValue(f'config.data.min_size ({d.min_size}) must be in (0, max_size={d.max_size}]')
   lo, hi = d.scale_jitter
   if not 0 < lo <= hi:
-    raise ValueError(f'config.data.scale_jitter must be (lo, hi) with 0 < lo <= hi, got {d.scale_jitter}')
+    raise errors.BadValue(f'config.data.scale_jitter must be (lo, hi) with 0 < lo <= hi, got {d.scale_jitter}')
   if len(d.mean) != 3 or len(d.std) != 3 or min(d.std) <= 0:
-    raise ValueError(f'config.data.mean / std must be 3 values with std > 0, got {d.mean} / {d.std}')
+    raise errors.BadValue(f'config.data.mean / std must be 3 values with std > 0, got {d.mean} / {d.std}')
   if d.max_boxes < 1:
-    raise ValueError(f'config.data.max_boxes must be >= 1, got {d.max_boxes}')
+    raise errors.BadValue(f'config.data.max_boxes must be >= 1, got {d.max_boxes}')
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} not in [0, process_count={process_count})')
   if batch_size % process_count or batch_size < process_count:
-    raise ValueError(f'{batch_key}={batch_size} must be a positive multiple of the process count {process_count}')
+    raise errors.BadValue(f'{batch_key}={batch_size} must be a positive multiple of the process count {process_count}')
   # Fewer outputs would drop classes; more would give detections that no category id can
   # score. The torchvision loader maps its 91 outputs to the dataset's classes instead.
   if config.model.num_classes != info.num_classes:
-    raise ValueError(f'config.model.num_classes={config.model.num_classes} must equal the '
+    raise errors.BadValue(f'config.model.num_classes={config.model.num_classes} must equal the '
                      f'{info.num_classes} classes of dataset {d.dataset!r}')
-
-
-def _builder(config):
-  """The prepared tfds builder of config.data.dataset (shapes are built on first use)."""
-  if config.data.dataset == 'shapes':
-    return shapes.builder(config.data.shapes, config.data.data_dir)
-  builder = tfds.builder('coco/2017', data_dir=config.data.data_dir)
-  # A no-op when prepared; otherwise tfds downloads and prepares it, as tfds.load would.
-  builder.download_and_prepare(file_format='tfrecord')
-  return builder
-
-
-def _options():
-  options = tf.data.Options()
-  options.deterministic = True
-  # Parallelism comes from the parallel maps; one thread per op keeps tf off the cores JAX uses.
-  options.threading.max_intra_op_parallelism = 1
-  return options
-
-
-def _read(builder, split, shuffle_seed=None):
-  """Examples of `split` with the image still encoded, so decoding errors are ours to catch."""
-  read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, options=_options())
-  return builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()},
-                            shuffle_files=shuffle_seed is not None, read_config=read_config)
 
 
 def _decode(ds, index=False):
@@ -218,10 +195,10 @@ def train_iterator(config, *, process_index=0, process_count=1, stats=None):
   split = tfds.split_for_jax_process(config.data.train_split, process_index=process_index,
                                      process_count=process_count)
   seed = int(config.seed) * 65537 + process_index  # distinct random streams per process
-  ds = _read(_builder(config), split, shuffle_seed=seed)
+  ds = source.read(source.tfds_builder(config), split, shuffle_seed=seed, key='config.data.train_split')
   epoch = int(ds.cardinality())
   if epoch <= 0:  # 0: empty slice; negative: tfds could not tell its size
-    raise ValueError(f'{config.data.dataset} split {config.data.train_split!r} gives process '
+    raise errors.BadValue(f'{config.data.dataset} split {config.data.train_split!r} gives process '
                      f'{process_index} of {process_count} no examples (or an unknown number)')
   ds = ds.shuffle(config.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   # The position in the epoch survives decoding; its gaps are the skipped images.
@@ -233,7 +210,7 @@ def train_iterator(config, *, process_index=0, process_count=1, stats=None):
     return {**_prepare(ex, data, rand), 'position': position}
 
   ds = ds.map(prepare, tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(_options())
+  ds = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(source.options())
   return _train_batches(ds, epoch, stats if stats is not None else DataStats(), config.data.train_split)
 
 
@@ -250,17 +227,7 @@ def _train_batches(ds, epoch, stats, split):
     stats.add(batch, np.ones(len(position), bool))
     yield {k: batch[k] for k in _TRAIN_KEYS}
   # repeat() ends only when a whole epoch decoded nothing.
-  raise ValueError(f'no image of split {split!r} could be decoded')
-
-
-def _eval_split(config):
-  split, limit = config.data.eval_split, int(config.data.eval_images)
-  if limit <= 0:
-    return split
-  if '[' in split or '+' in split:
-    raise ValueError(f'config.data.eval_images={limit} needs a plain split name in '
-                     f'config.data.eval_split, got {split!r}')
-  return f'{split}[:{limit}]'
+  raise errors.BadValue(f'no image of split {split!r} could be decoded')
 
 
 def eval_iterator(config, *, process_index=0, process_count=1, stats=None):
@@ -284,18 +251,18 @@ def eval_iterator(config, *, process_index=0, process_count=1, stats=None):
   _check_config(config, config.eval.batch_size, 'config.eval.batch_size', process_index, process_count)
   batch = config.eval.batch_size // process_count
   data = _data_values(config)
-  builder = _builder(config)
-  split = _eval_split(config)
-  total = int(_read(builder, split).cardinality())
+  builder = source.tfds_builder(config)
+  split = source.eval_split(config)
+  total = int(source.read(builder, split, key='config.data.eval_split').cardinality())
   num_batches = math.ceil(math.ceil(total / process_count) / batch)
-  ds = _read(builder, tfds.even_splits(split, process_count)[process_index])
+  ds = source.read(builder, tfds.even_splits(split, process_count)[process_index])
   own = int(ds.cardinality())
   ds = _decode(ds).map(lambda ex: _prepare(ex, data), tf.data.AUTOTUNE, deterministic=True)
   padding = {k: tf.zeros(s.shape, s.dtype) for k, s in ds.element_spec.items()}
   padding.update(classes=-tf.ones_like(padding['classes']), image_id=tf.constant(-1, tf.int64),
                  valid=tf.constant(False))
   ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat()).take(num_batches * batch)
-  ds = ds.batch(batch).prefetch(tf.data.AUTOTUNE).with_options(_options())
+  ds = ds.batch(batch).prefetch(tf.data.AUTOTUNE).with_options(source.options())
   return _eval_batches(ds, own, stats if stats is not None else DataStats(), split)
 
 
@@ -325,12 +292,11 @@ def eval_ground_truth(config):
   info = dataset_info(config)
   path = config.data.annotation_file
   if path:
-    if not tf.io.gfile.exists(path):
-      raise FileNotFoundError(f'config.data.annotation_file={path!r} does not exist')
-    gt = coco.pycoco.COCO(path)
+    gt = coco.read_annotation_file(path, info.category_ids)
     if config.data.eval_images <= 0:
       return gt
-    ids = {int(ex['image/id']) for ex in _read(_builder(config), _eval_split(config)).as_numpy_iterator()}
+    split = source.read(source.tfds_builder(config), source.eval_split(config), key='config.data.eval_split')
+    ids = {int(ex['image/id']) for ex in split.as_numpy_iterator()}
     dataset = dict(gt.dataset)
     dataset['images'] = [im for im in gt.dataset['images'] if im['id'] in ids]
     dataset['annotations'] = [a for a in gt.dataset['annotations'] if a['image_id'] in ids]
@@ -343,6 +309,7 @@ def eval_ground_truth(config):
     return {**out, 'boxes': tf.boolean_mask(boxes, keep), 'image_id': ex['image_id'],
             'height': hw[0], 'width': hw[1]}
 
-  ds = _decode(_read(_builder(config), _eval_split(config)))
-  ds = ds.map(record, tf.data.AUTOTUNE, deterministic=True).with_options(_options())
+  split = source.read(source.tfds_builder(config), source.eval_split(config), key='config.data.eval_split')
+  ds = _decode(split)
+  ds = ds.map(record, tf.data.AUTOTUNE, deterministic=True).with_options(source.options())
   return coco.ground_truth(ds.as_numpy_iterator(), info.category_ids, info.class_names)
