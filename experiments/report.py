@@ -46,11 +46,45 @@ def spearman(a, b):
   return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def _cell(paper, ours, key):
+def _cell(paper, ours, sd, key):
   # Two decimals for ours: toy-scale APs of a few percent differ in the second.
   p = f'{paper[key]:.1f}' if key in paper else '-'
   o = f'{ours[key]:.2f}' if ours and key in ours and np.isfinite(ours[key]) else '-'
+  if o != '-' and sd and key in sd:
+    o += f' ± {sd[key]:.2f}'
   return f'{p} / {o}'
+
+
+SCALES = {
+    'coco': "the paper's settings (configs/base.py and the table file)",
+    'shapes': ('the CPU toy scale of configs/rows.py `toy()` on the built-in synthetic set '
+               '(the demo model of configs/shapes.py, trained from scratch on a short schedule)'),
+    'sparse': ('configs/rows.py `sparse()`: the toy scale\'s model and schedule on sparser 256 px '
+               'synthetic images, chosen so that anchors per positive anchor match COCO\'s'),
+}
+
+
+def _spread_check(done):
+  """A sentence on whether the best row's lead over the runner-up exceeds the seeds' spread."""
+  if len(done) < 2 or not all(r['sd'] for r in done[:2]):
+    return ''
+  best, second = sorted(done, key=lambda r: -r['ours']['AP'])[:2]
+  gap = best['ours']['AP'] - second['ours']['AP']
+  spread = max(best['sd']['AP'], second['sd']['AP'])
+  verdict = 'beyond' if gap > spread else 'within'
+  return (f' Best row {best["row"]} leads {second["row"]} by {gap:.2f} AP, {verdict} the larger of their '
+          f'seed standard deviations ({spread:.2f}).')
+
+
+def _imbalance(results, dataset):
+  ratios = [r['anchors_per_positive'] for r in results if r.get('anchors_per_positive')]
+  if not ratios:
+    return []
+  from experiments import imbalance  # pylint: disable=g-import-not-at-top
+  return ['', f'Imbalance met in training: {np.mean(ratios):,.0f} anchors per positive anchor on {dataset} '
+          f'(rows {min(ratios):,.0f} to {max(ratios):,.0f}; anchors per image over the mean `num_pos` per '
+          f'image of metrics.jsonl); COCO at 600 px: about {imbalance.COCO_ANCHORS_PER_POSITIVE:,} '
+          '(`python -m experiments.imbalance`, which states how it is estimated).']
 
 
 def markdown(name, module, dataset, results, command, plot_file, notes=''):
@@ -59,9 +93,10 @@ def markdown(name, module, dataset, results, command, plot_file, notes=''):
   Args:
     name: the table's name, e.g. 'table1b_gamma'.
     module: the table's config module (its docstring's first line titles the file).
-    dataset: 'coco' or 'shapes'.
-    results: one dict per row: row, paper, ours (None when not run), step, config,
-      hardware, date, wall_s, failed.
+    dataset: one of configs/rows.py DATASETS.
+    results: one dict per row (experiments/run_table.py `collect`): row, paper, ours
+      (None when not run), step, config, hardware, date, wall_s, failed; and when seeds
+      were run, sd, seeds, ap_per_seed, anchors_per_positive.
     command: the runner's command line.
     plot_file: the plot's file name, beside the results file.
     notes: the hand-written '## Notes' section to keep, or ''.
@@ -69,9 +104,8 @@ def markdown(name, module, dataset, results, command, plot_file, notes=''):
   keys = [k for k in METRICS if any(k in r['paper'] for r in results)]
   title = module.__doc__.strip().splitlines()[0]
   done = [r for r in results if r['ours'] and np.isfinite(r['ours'].get('AP', np.nan))]
-  scale = ("the paper's settings (configs/base.py and the table file)" if dataset == 'coco' else
-           'the CPU toy scale of configs/rows.py `toy()` on the built-in synthetic set '
-           '(the demo model of configs/shapes.py, trained from scratch on a short schedule)')
+  scale = SCALES[dataset]
+  seeds = max((r.get('seeds', 1) for r in results), default=1)
   lines = [
       f'# {name} on {dataset}: {title}', '',
       f'Written by experiments/run_table.py on {datetime.date.today().isoformat()}: `{command}`.',
@@ -79,16 +113,20 @@ def markdown(name, module, dataset, results, command, plot_file, notes=''):
       f'configs/{name}.py:<config>`; its full config is the workdir\'s config.json.',
       'Cells are paper / ours; the paper\'s numbers are COCO (minival for Table 1a-1d, test-dev '
       'for 1e and 2), ours are on the eval split of the dataset above, so compare trends '
-      'across rows, not values.', '',
-      '| row | ' + ' | '.join(keys) + ' | config | steps | wall (s) | hardware | date |',
-      '|' + '---|' * (len(keys) + 6),
+      'across rows, not values.' + (
+          f' Ours are the mean ± standard deviation over the seeds each row ran (up to {seeds}: '
+          'initialisation and data order differ, the images do not); a difference smaller '
+          'than the spread is noise.' if seeds > 1 else ''), '',
+      '| row | ' + ' | '.join(keys) + ' | seeds | config | steps | wall (s) | hardware | date |',
+      '|' + '---|' * (len(keys) + 7),
   ]
   for r in results:
     status = 'failed' if r['failed'] else ('not run' if r['ours'] is None else '')
     steps = r['step'] if r['step'] is not None else status
     wall = f'{r["wall_s"]:.0f}' if r['wall_s'] is not None else ''
-    lines.append(f'| {r["row"]} | ' + ' | '.join(_cell(r['paper'], r['ours'], k) for k in keys) +
-                 f' | `{r["config"]}` | {steps} | {wall} | {r["hardware"]} | {r["date"]} |')
+    lines.append(f'| {r["row"]} | ' + ' | '.join(_cell(r['paper'], r['ours'], r.get('sd'), k) for k in keys) +
+                 f' | {r.get("seeds", 1 if r["ours"] else 0)} | `{r["config"]}` | {steps} | {wall} | '
+                 f'{r["hardware"]} | {r["date"]} |')
   lines += ['', f'Computed trend check over the {len(done)} rows with results: ']
   if len(done) >= 2:
     paper_ap = [r['paper']['AP'] for r in done]
@@ -96,9 +134,11 @@ def markdown(name, module, dataset, results, command, plot_file, notes=''):
     lines[-1] += (f'best row by AP, paper: {done[int(np.argmax(paper_ap))]["row"]}, '
                   f'ours: {done[int(np.argmax(ours_ap))]["row"]}; worst, paper: '
                   f'{done[int(np.argmin(paper_ap))]["row"]}, ours: {done[int(np.argmin(ours_ap))]["row"]}; '
-                  f'Spearman rank correlation of AP across rows: {spearman(paper_ap, ours_ap):.2f}.')
+                  f'Spearman rank correlation of AP across rows: {spearman(paper_ap, ours_ap):.2f}'
+                  f'{" (on the means)" if seeds > 1 else ""}.' + _spread_check(done))
   else:
     lines[-1] += 'too few rows to compare.'
+  lines += _imbalance(results, dataset)
   lines += ['', f'![{name} trend]({plot_file})', '', NOTES, '', notes.strip() or
             '(Where the trends agree with the paper and where not: written after the runs.)', '']
   return '\n'.join(lines)
@@ -132,8 +172,14 @@ def plot(name, module, results, path):
     ax.set_xticks(x, [r['row'] for r in results], rotation=30, ha='right')
     ax.set_xlabel(module.X_LABEL)
     ours = [r['ours']['AP'] if r['ours'] and 'AP' in r['ours'] else np.nan for r in results]
+    spread = [r['sd']['AP'] if r.get('sd') else 0.0 for r in results]
     twin = ax.twinx()  # the toy scale's AP lives on another scale: compare shapes, not values
-    twin.plot(x, ours, 's--', color='C0', label='ours')
+    label = 'ours (mean ± sd over seeds)' if any(spread) else 'ours'
+    twin.errorbar(x, ours, yerr=spread, fmt='s--', color='C0', capsize=4, label=label)
+    for i, r in enumerate(results):  # every seed, so a reader sees the spread behind the bar
+      seeds = [v for v in (r.get('ap_per_seed') or {}).values() if v is not None]
+      if len(seeds) > 1:
+        twin.plot([i] * len(seeds), seeds, '.', color='C0', alpha=0.4)
     twin.set_ylabel('AP, ours', color='C0')
     ax.set_title(f'{name}: AP per row')
     ax.grid(alpha=0.3)

@@ -3,23 +3,29 @@ r"""Runs one of the paper's tables row by row and writes its results file and pl
   python -m experiments.run_table configs/table1b_gamma.py --dataset shapes
   python -m experiments.run_table configs/table1b_gamma.py --dataset coco --dry-run
   python -m experiments.run_table configs/table1e_speed.py --dataset shapes --rows r50_400,r101_400
+  python -m experiments.run_table configs/table1b_gamma.py --dataset sparse --seeds 3
 
-Each row trains and evaluates in its own process,
-  python -m retina_jax.main --config <table>.py:row=<row>,dataset=<d>,schedule=<s> \
-      --workdir <root>/<table>_<d>/<row>
-one after the other on this machine; --dry-run prints these commands instead, one
-per row, for a cluster's job scheduler. A row whose workdir already holds an
-evaluation is not run again (--force reruns it), so an interrupted table resumes
-and a table trained elsewhere is collected by running the same command over its
-workdirs. Then experiments/results/<table>_<d>.md gets the paper's numbers beside
-ours and <table>_<d>.png the table's trend; a '## Notes' section written by hand
-in the results file is kept when the file is rewritten. For Table 1e the runner
+Each row and seed trains and evaluates in its own process,
+  python -m retina_jax.main --config <table>.py:row=<row>,dataset=<d>,schedule=<s>[,seed=<k>] \
+      --workdir <root>/<table>_<d>/<row>[_seed<k>]
+(seed 0 is the config's default and keeps the plain workdir name), one after the
+other on this machine, or --parallel at once (for an accelerator that one toy row
+leaves mostly idle); all rows of a seed run before the next seed's. --dry-run prints
+these commands instead, for a cluster's job scheduler. A row whose workdir already
+holds an evaluation is not run again (--force reruns it), so an interrupted table
+resumes and a table trained elsewhere is collected by running the same command over
+its workdirs. Then experiments/results/<table>_<d>.md gets the paper's numbers beside
+ours (mean +- sd over the seeds run) with the imbalance training met (anchors per
+positive anchor, from each run's num_pos), and <table>_<d>.png the table's trend
+with the seeds' spread; a '## Notes' section written by hand in the results file is
+kept when the file is rewritten. For Table 1e the runner
 also times inference (model + post-processing, jitted, after warm-up) per image
 on its own device, after each row trains; --retime times every trained row again
 in one pass, for when other jobs shared the device while the rows trained.
 """
 
 import argparse
+import concurrent.futures
 import datetime
 import glob
 import json
@@ -30,6 +36,9 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
+from configs import rows as rows_lib
 from configs import table1a_alpha_ce
 from configs import table1b_gamma
 from configs import table1c_anchors
@@ -37,6 +46,7 @@ from configs import table1d_ohem
 from configs import table1e_speed
 from configs import table2_final
 from experiments import report
+from retina_jax import anchors as anchors_lib
 
 TABLES = {
     'table1a_alpha_ce': table1a_alpha_ce,
@@ -65,14 +75,20 @@ def table_rows(module):
   return names
 
 
-def config_arg(row, dataset, schedule):
-  return f'row={row},dataset={dataset},schedule={schedule:g}'
+def config_arg(row, dataset, schedule, seed=0):
+  arg = f'row={row},dataset={dataset},schedule={schedule:g}'
+  return arg + (f',seed={seed}' if seed else '')
 
 
-def row_command(config_path, row, dataset, schedule, workdir):
+def row_workdir(root, row, seed):
+  """Where one row and seed runs: <root>/<row> for seed 0, <root>/<row>_seed<k> for others."""
+  return os.path.join(root, row if seed == 0 else f'{row}_seed{seed}')
+
+
+def row_command(config_path, row, dataset, schedule, workdir, seed=0):
   """The argv that trains and evaluates one row."""
   return [sys.executable, '-m', 'retina_jax.main',
-          f'--config={config_path}:{config_arg(row, dataset, schedule)}', f'--workdir={workdir}']
+          f'--config={config_path}:{config_arg(row, dataset, schedule, seed)}', f'--workdir={workdir}']
 
 
 def latest_eval(workdir):
@@ -148,19 +164,25 @@ def time_per_image(config, workdir, *, batches=5, warmup=2):
   return 1000.0 * total / (batches * config.eval.batch_size)
 
 
-def run_row(config_path, module, row, dataset, schedule, workdir, *, measure_time):
+def run_row(config_path, module, row, dataset, schedule, workdir, *, measure_time, seed=0, share=1):
   """Trains and evaluates one row in a subprocess; writes the runner's record beside it.
 
+  Args:
+    share: how many rows run at once; each may take 1 / share of an accelerator's memory
+      (JAX otherwise reserves 75% of it per process).
   Returns:
     The record (command, hardware, date, wall_s, returncode, time_ms when measured).
   """
   os.makedirs(workdir, exist_ok=True)
-  cmd = row_command(config_path, row, dataset, schedule, workdir)
+  cmd = row_command(config_path, row, dataset, schedule, workdir, seed)
   log = os.path.join(workdir, 'log.txt')
+  env = dict(os.environ)
+  if share > 1:
+    env['XLA_PYTHON_CLIENT_MEM_FRACTION'] = f'{0.9 / share:.3f}'
   tick = time.time()
   with open(log, 'a') as f:
-    returncode = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
-  record = {'command': shlex.join(cmd), 'config': config_arg(row, dataset, schedule),
+    returncode = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False, env=env).returncode
+  record = {'command': shlex.join(cmd), 'config': config_arg(row, dataset, schedule, seed),
             'hardware': hardware(), 'wall_s': round(time.time() - tick, 1),
             'date': datetime.date.today().isoformat(), 'returncode': returncode}
   if returncode == 0 and measure_time:
@@ -171,26 +193,77 @@ def run_row(config_path, module, row, dataset, schedule, workdir, *, measure_tim
   return record
 
 
+def seed_workdirs(root, row):
+  """{seed: workdir} of every run of `row` under `root` (seed 0 is <root>/<row>)."""
+  found = {}
+  if os.path.isdir(os.path.join(root, row)):
+    found[0] = os.path.join(root, row)
+  for path in glob.glob(os.path.join(glob.escape(root), glob.escape(row) + '_seed*')):
+    m = re.fullmatch(re.escape(row) + r'_seed(\d+)', os.path.basename(path))
+    if m:
+      found[int(m.group(1))] = path
+  return dict(sorted(found.items()))
+
+
+def positives_per_image(workdir, batch_size):
+  """Mean positive anchors per training image of a run, from metrics.jsonl's num_pos; None without."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return None
+  counts = []
+  with open(path) as f:
+    for line in f:
+      try:
+        counts.append(float(json.loads(line)['num_pos']))
+      except (ValueError, KeyError):  # a torn last line, or a line of another kind
+        continue
+  return float(np.mean(counts)) / batch_size if counts else None
+
+
 def collect(module, names, dataset, schedule, root):
-  """One dict per row with the paper's numbers and whatever the row's workdir holds."""
+  """One dict per row: the paper's numbers, and the mean and sd over the row's seeds of ours.
+
+  Each dict: row, paper, ours (mean per metric, None when no seed has finished), sd (per
+  metric, None with fewer than 2 seeds), ap_per_seed, seeds (how many finished), step,
+  config, hardware, date, wall_s, failed, anchors_per_positive (training's imbalance).
+  """
   results = []
   for row in names:
-    workdir = os.path.join(root, row)
-    found = latest_eval(workdir)
-    record = {}
-    if os.path.exists(os.path.join(workdir, _RECORD)):
-      with open(os.path.join(workdir, _RECORD)) as f:
-        record = json.load(f)
-    ours = report.percent_metrics(found[1]) if found else None
-    if ours is not None and 'time_ms' in record:
-      ours['time_ms'] = record['time_ms']
+    config = module.get_config(config_arg(row, dataset, schedule))
+    num_anchors = len(anchors_lib.from_config(config))
+    runs, records, ratios = [], [], []
+    for seed, workdir in seed_workdirs(root, row).items():
+      record = {}
+      if os.path.exists(os.path.join(workdir, _RECORD)):
+        with open(os.path.join(workdir, _RECORD)) as f:
+          record = json.load(f)
+      records.append(record)
+      found = latest_eval(workdir)
+      if found is None:
+        continue
+      ours = report.percent_metrics(found[1])
+      if 'time_ms' in record:
+        ours['time_ms'] = record['time_ms']
+      runs.append((seed, found[0], ours))
+      positives = positives_per_image(workdir, config.train.batch_size)
+      if positives:
+        ratios.append(num_anchors / positives)
+    keys = sorted(set().union(*(ours for _, _, ours in runs))) if runs else []
+    mean = {k: float(np.mean([o[k] for _, _, o in runs if k in o])) for k in keys} or None
+    sd = ({k: float(np.std([o[k] for _, _, o in runs if k in o], ddof=1)) for k in keys}
+          if len(runs) >= 2 else None)
+    first = records[0] if records else {}
     results.append({
-        'row': row, 'paper': module.PAPER[row], 'ours': ours,
-        'step': found[0] if found else None,
-        'config': record.get('config', config_arg(row, dataset, schedule)),
-        'hardware': record.get('hardware', ''),
-        'date': record.get('date', ''), 'wall_s': record.get('wall_s'),
-        'failed': bool(record) and record.get('returncode', 0) != 0,
+        'row': row, 'paper': module.PAPER[row], 'ours': mean, 'sd': sd,
+        'ap_per_seed': {seed: o.get('AP') for seed, _, o in runs}, 'seeds': len(runs),
+        'step': runs[0][1] if runs else None,
+        'config': first.get('config', config_arg(row, dataset, schedule)),
+        'hardware': ', '.join(sorted({r['hardware'] for r in records if r.get('hardware')})),
+        'date': max((r['date'] for r in records if r.get('date')), default=''),
+        'wall_s': (float(np.mean([r['wall_s'] for r in records if r.get('wall_s') is not None]))
+                   if any(r.get('wall_s') is not None for r in records) else None),
+        'failed': any(r.get('returncode', 0) != 0 for r in records) and not runs,
+        'anchors_per_positive': float(np.mean(ratios)) if ratios else None,
     })
   return results
 
@@ -198,9 +271,13 @@ def collect(module, names, dataset, schedule, root):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('config', help='a table file, e.g. configs/table1b_gamma.py')
-  parser.add_argument('--dataset', choices=('coco', 'shapes'), default='coco')
+  parser.add_argument('--dataset', choices=rows_lib.DATASETS, default='coco')
   parser.add_argument('--schedule', type=float, default=1.0, help='multiplies each row\'s schedule')
   parser.add_argument('--rows', default='', help='comma-separated row names (default: all)')
+  parser.add_argument('--seeds', type=int, default=1,
+                      help='runs per row, seeds 0..N-1 (initialisation and data order)')
+  parser.add_argument('--parallel', type=int, default=1,
+                      help='runs at once, each taking 1/N of the accelerator\'s memory')
   parser.add_argument('--dry-run', action='store_true', help='print one command per row, run nothing')
   parser.add_argument('--force', action='store_true', help='rerun rows that already have an evaluation')
   parser.add_argument('--retime', action='store_true',
@@ -222,29 +299,41 @@ def main(argv=None):
     parser.error('--retime: only Table 1e (configs/table1e_speed.py) measures time')
   if not args.schedule > 0:
     parser.error(f'--schedule must be > 0, got {args.schedule}')
+  if args.seeds < 1 or args.parallel < 1:
+    parser.error(f'--seeds and --parallel must be >= 1, got {args.seeds} and {args.parallel}')
+  if args.parallel > 1 and module is table1e_speed:
+    parser.error('--parallel: Table 1e times inference, which needs the device to itself')
   # orbax needs absolute checkpoint paths.
   root = os.path.join(os.path.abspath(args.workdir_root), f'{name}_{args.dataset}')
 
+  runs = [(row, seed, row_workdir(root, row, seed)) for seed in range(args.seeds) for row in names]
   if args.dry_run:
-    for row in names:
-      print(shlex.join(row_command(args.config, row, args.dataset, args.schedule, os.path.join(root, row))))
+    for row, seed, workdir in runs:
+      print(shlex.join(row_command(args.config, row, args.dataset, args.schedule, workdir, seed)))
     return 0
-  failed = []
-  for i, row in enumerate(names):
-    workdir = os.path.join(root, row)
+  todo = []
+  for i, (row, seed, workdir) in enumerate(runs):
+    label = f'[{i + 1}/{len(runs)}] {row}' + (f' seed {seed}' if args.seeds > 1 else '')
     if latest_eval(workdir) is not None and not args.force:
-      print(f'[{i + 1}/{len(names)}] {row}: already evaluated in {workdir}, skipped', flush=True)
-      continue
-    print(f'[{i + 1}/{len(names)}] {row}: training in {workdir} (log.txt)', flush=True)
+      print(f'{label}: already evaluated in {workdir}, skipped', flush=True)
+    else:
+      todo.append((label, row, seed, workdir))
+
+  def run(job):
+    label, row, seed, workdir = job
+    print(f'{label}: training in {workdir} (log.txt)', flush=True)
     record = run_row(args.config, module, row, args.dataset, args.schedule, workdir,
-                     measure_time=module is table1e_speed)
+                     measure_time=module is table1e_speed, seed=seed, share=args.parallel)
     found = latest_eval(workdir)
     if record['returncode'] != 0 or found is None:
-      failed.append(row)
-      print(f'  failed (exit code {record["returncode"]}); see {workdir}/log.txt', flush=True)
-    else:
-      print(f'  AP {report.percent_metrics(found[1])["AP"]:.1f} after {found[0]} steps, '
-            f'{record["wall_s"]:.0f} s', flush=True)
+      print(f'{label}: failed (exit code {record["returncode"]}); see {workdir}/log.txt', flush=True)
+      return row
+    print(f'{label}: AP {report.percent_metrics(found[1])["AP"]:.1f} after {found[0]} steps, '
+          f'{record["wall_s"]:.0f} s', flush=True)
+    return None
+
+  with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+    failed = [row for row in pool.map(run, todo) if row is not None]
   if args.retime:
     for row in names:
       workdir = os.path.join(root, row)
@@ -262,6 +351,8 @@ def main(argv=None):
   command = f'python -m experiments.run_table {args.config} --dataset {args.dataset}'
   if args.schedule != 1.0:
     command += f' --schedule {args.schedule:g}'
+  if args.seeds > 1:
+    command += f' --seeds {args.seeds}'
   if args.workdir_root != parser.get_default('workdir_root'):
     command += f' --workdir-root {args.workdir_root}'
   results = collect(module, table_rows(module), args.dataset, args.schedule, root)

@@ -40,8 +40,13 @@ def test_rows_filter_and_bad_names(capsys):
     run_table.main(['configs/base.py', '--dry-run'])
 
 
-def _fake_row(workdir, ap, step=100, time_ms=None):
+def _fake_row(workdir, ap, step=100, time_ms=None, num_pos=None):
   os.makedirs(workdir, exist_ok=True)
+  if num_pos is not None:  # what training logs per step: positives in the global batch
+    with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+      for i, n in enumerate(num_pos):
+        f.write(json.dumps({'step': i + 1, 'loss': 1.0, 'num_pos': n}) + '\n')
+      f.write('{"step": 9, "num_po')  # a torn last line, as a killed run leaves
   metrics = {'AP': ap, 'AP50': ap + 0.2, 'AP75': ap - 0.05, 'APs': 0.1, 'APm': 0.2, 'APl': 0.3, 'step': step}
   with open(os.path.join(workdir, f'eval_{step}.json'), 'w') as f:
     json.dump(metrics, f)
@@ -71,8 +76,9 @@ def test_results_file_and_plot_from_fake_metrics_keep_notes(tmp_path):
   text = open(md).read()
   for row in names:
     assert f'| {row} |' in text
-  assert ('| gamma_2 | 34.0 / 35.00 | 52.5 / 55.00 | 36.5 / 30.00 | `row=gamma_2,dataset=shapes,schedule=1` | 100 |'
-          in text)
+  assert ('| gamma_2 | 34.0 / 35.00 | 52.5 / 55.00 | 36.5 / 30.00 | 1 | `row=gamma_2,dataset=shapes,schedule=1` '
+          '| 100 |' in text)
+  assert '±' not in text, 'one seed per row: no spread to show'
   assert 'not run' in text and 'cmd --x' in text and 'Spearman' in text
   assert 'best row by AP, paper: gamma_2, ours: gamma_2' in text
   assert open(png, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
@@ -127,7 +133,7 @@ def test_runner_trains_rows_in_turn_skips_done_ones_and_reports_failures(tmp_pat
             'json.dump({"AP": 0.5, "AP50": 0.7, "AP75": 0.4}, open(os.path.join(w, "eval_10.json"), "w"))')
   calls = []
 
-  def fake_command(config_path, row, dataset, schedule, workdir):
+  def fake_command(config_path, row, dataset, schedule, workdir, seed=0):
     calls.append(row)
     return [sys.executable, '-c', script, workdir, row]
 
@@ -163,3 +169,82 @@ def test_figure4_samples_and_cumulative_share(tmp_path):
             for k in ('positive', 'negative') for g in figure4.GAMMAS}
   figure4.plot(curves, {'positive': 100, 'negative': 100}, str(tmp_path / 'f4.png'), 'fake')
   assert (tmp_path / 'f4.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_seeds_run_every_row_of_a_seed_before_the_next(capsys, tmp_path):
+  run_table.main(['configs/table1b_gamma.py', '--dataset', 'sparse', '--seeds', '2', '--rows',
+                  'gamma_0,gamma_2', '--dry-run', '--workdir-root', str(tmp_path)])
+  lines = [shlex.split(l) for l in capsys.readouterr().out.strip().splitlines()]
+  root = f'{tmp_path.resolve()}/table1b_gamma_sparse'
+  assert [(a[3].split(':', 1)[1], a[4]) for a in lines] == [
+      ('row=gamma_0,dataset=sparse,schedule=1', f'--workdir={root}/gamma_0'),
+      ('row=gamma_2,dataset=sparse,schedule=1', f'--workdir={root}/gamma_2'),
+      ('row=gamma_0,dataset=sparse,schedule=1,seed=1', f'--workdir={root}/gamma_0_seed1'),
+      ('row=gamma_2,dataset=sparse,schedule=1,seed=1', f'--workdir={root}/gamma_2_seed1')]
+  config = table1b_gamma.get_config(lines[3][3].split(':', 1)[1])
+  assert config.seed == 1 and tuple(config.data.canvas) == (256, 256)
+  assert config.data.shapes.seed == 0, 'a seed changes initialisation and order, not the images'
+  with pytest.raises(ValueError, match="seed must be a whole number >= 0, got '-1'"):
+    table1b_gamma.get_config('row=gamma_2,seed=-1')
+
+
+def test_collect_means_sds_and_imbalance_over_seeds(tmp_path):
+  root = tmp_path / 'runs'
+  for seed, ap in enumerate((0.30, 0.32, 0.34)):
+    _fake_row(root / ('gamma_2' if seed == 0 else f'gamma_2_seed{seed}'), ap, num_pos=[80.0, 96.0])
+  _fake_row(root / 'gamma_0', 0.20, num_pos=[80.0])
+  _fake_row(root / 'gamma_0_seed1', 0.21)
+  _fake_row(root / 'gamma_0.1_seed1', 0.5)  # another row whose name starts the same
+  names = run_table.table_rows(table1b_gamma)
+  results = {r['row']: r for r in run_table.collect(table1b_gamma, names, 'sparse', 1.0, str(root))}
+  g2 = results['gamma_2']
+  assert g2['seeds'] == 3 and g2['ours']['AP'] == pytest.approx(32.0)
+  assert g2['sd']['AP'] == pytest.approx(2.0)  # sample standard deviation of 30, 32, 34
+  assert g2['ap_per_seed'] == pytest.approx({0: 30.0, 1: 32.0, 2: 34.0})
+  # 12,276 anchors on the 256 x 256 canvas; 88 positives per batch of 8 images.
+  assert g2['anchors_per_positive'] == pytest.approx(12276 / 11.0)
+  assert results['gamma_0']['seeds'] == 2 and results['gamma_0.1']['seeds'] == 1
+  assert results['gamma_0.1']['sd'] is None and results['gamma_5']['ours'] is None
+  md, png = report.write('table1b_gamma', table1b_gamma, 'sparse', list(results.values()),
+                         str(tmp_path / 'results'), 'cmd --seeds 3')
+  text = open(md).read()
+  assert '| gamma_2 | 34.0 / 32.00 ± 2.00 |' in text and '| 3 | `row=gamma_2,dataset=sparse' in text
+  assert 'rank correlation of AP across rows' in text and '(on the means)' in text
+  assert 'Best row gamma_0.1 leads' not in text  # gamma_0.1 has one seed: no spread to compare with
+  assert 'Imbalance met in training: 1,' in text and 'COCO at 600 px: about 644' in text
+  assert open(png, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_spread_check_calls_a_small_lead_noise():
+  row = lambda name, ap, sd: {'row': name, 'ours': {'AP': ap}, 'sd': {'AP': sd}}
+  assert 'within' in report._spread_check([row('a', 30.0, 1.0), row('b', 29.5, 0.8)])
+  assert 'beyond' in report._spread_check([row('a', 30.0, 1.0), row('b', 25.0, 0.8)])
+
+
+def test_parallel_seeds_all_run_and_are_collected(tmp_path, monkeypatch):
+  script = ('import json, os, sys; w = sys.argv[1]\n'
+            'json.dump({"AP": 0.1 * (1 + int(sys.argv[2])), "AP50": 0.7, "AP75": 0.4}, '
+            'open(os.path.join(w, "eval_10.json"), "w"))')
+  monkeypatch.setattr(run_table, 'row_command', lambda config_path, row, dataset, schedule, workdir, seed=0:
+                      [sys.executable, '-c', script, workdir, str(seed)])
+  args = ['configs/table1c_anchors.py', '--dataset', 'sparse', '--rows', 'sc1_ar1,sc2_ar3', '--seeds', '2',
+          '--parallel', '2', '--workdir-root', str(tmp_path / 'runs'), '--results-dir', str(tmp_path / 'results')]
+  assert run_table.main(args) == 0
+  text = (tmp_path / 'results' / 'table1c_anchors_sparse.md').read_text()
+  assert '| sc1_ar1 | 30.3 / 15.00 ± 7.07 |' in text
+
+
+def test_coco_imbalance_estimate_and_counts():
+  from configs import rows
+  from experiments import imbalance
+  coco = rows.start(rows.Arg('gamma_2', 'coco', 1.0), min_size=600, max_size=1000)
+  # P3-P7 cells over 600 x 800: 75*100 + 38*50 + 19*25 + 10*13 + 5*7 = 10,040, 9 anchors each.
+  assert imbalance.anchors_in((600, 800), coco.anchors) == 90360
+  estimate = imbalance.coco_estimate(coco, 1000, seed=1)
+  assert estimate['anchors_per_positive'] == pytest.approx(imbalance.COCO_ANCHORS_PER_POSITIVE, rel=0.06)
+  # A box that is exactly one 32 px anchor of P3 is matched by at least that anchor.
+  toy = rows.start(rows.Arg('gamma_2', 'sparse', 1.0))
+  box = [[[100.0 - 8, 100.0 - 8, 100.0 + 8, 100.0 + 8]]]  # 16 px: toy anchors are half the paper's
+  import numpy as np
+  positives = imbalance.count(toy, np.array(box, np.float32), np.zeros((1, 1), np.int32))
+  assert positives.shape == (1,) and positives[0] >= 1
