@@ -34,6 +34,7 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -322,6 +323,20 @@ def main(argv=None):
     else:
       todo.append((label, row, seed, workdir))
 
+  command = f'python -m experiments.run_table {args.config} --dataset {args.dataset}'
+  if args.schedule != 1.0:
+    command += f' --schedule {args.schedule:g}'
+  if args.seeds > 1:
+    command += f' --seeds {args.seeds}'
+  if args.workdir_root != parser.get_default('workdir_root'):
+    command += f' --workdir-root {args.workdir_root}'
+  writing = threading.Lock()
+
+  def write_results():
+    with writing:
+      results = collect(module, table_rows(module), args.dataset, args.schedule, root)
+      return report.write(name, module, args.dataset, results, args.results_dir, command)
+
   def run(job):
     label, row, seed, workdir = job
     print(f'{label}: training in {workdir} (log.txt)', flush=True)
@@ -333,6 +348,7 @@ def main(argv=None):
       return row
     print(f'{label}: AP {report.percent_metrics(found[1])["AP"]:.1f} after {found[0]} steps, '
           f'{record["wall_s"]:.0f} s', flush=True)
+    write_results()  # a table that takes hours shows each result as it lands
     return None
 
   with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
@@ -351,15 +367,7 @@ def main(argv=None):
       with open(path, 'w') as f:
         json.dump(record, f, indent=2)
       print(f'{row}: {record["time_ms"]:.2f} ms per image', flush=True)
-  command = f'python -m experiments.run_table {args.config} --dataset {args.dataset}'
-  if args.schedule != 1.0:
-    command += f' --schedule {args.schedule:g}'
-  if args.seeds > 1:
-    command += f' --seeds {args.seeds}'
-  if args.workdir_root != parser.get_default('workdir_root'):
-    command += f' --workdir-root {args.workdir_root}'
-  results = collect(module, table_rows(module), args.dataset, args.schedule, root)
-  md, png = report.write(name, module, args.dataset, results, args.results_dir, command)
+  md, png = write_results()
   print(f'wrote {md} and {png}')
   return 1 if failed else 0
 
