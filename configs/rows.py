@@ -1,9 +1,12 @@
-"""What the table configs share: the row argument and the CPU toy scale.
+"""What the table configs share: the table as data, the row argument and the toy scales.
 
-A table file's `get_config(arg)` takes `row=<name>,dataset=coco|shapes|sparse,schedule=<x>,seed=<n>`
+A table file is data: one `Table` (its rows, each with what it changes and the
+paper's numbers; what is fixed for the whole table; what the runner measures)
+and `get_config(arg) = TABLE.config(arg)`. experiments/run_table.py runs any such
+file by path, so a table of one's own is one new file. `get_config(arg)` takes `row=<name>,dataset=coco|shapes|sparse,schedule=<x>,seed=<n>`
 (every part optional, in any order):
 
-  row       one of the table's rows (its `sweep` lists them); default the paper's best.
+  row       one of the table's rows (`TABLE.rows`); default `TABLE.default`, the paper's best.
   dataset   'coco' (default): the paper's setting, on tfds coco/2017, at full scale.
             'shapes': the CPU toy scale of `toy()` on the built-in synthetic set.
             'sparse': `sparse()`, the toy scale with COCO's foreground/background imbalance.
@@ -24,6 +27,85 @@ DATASETS = ('coco', 'shapes', 'sparse')
 # Depth in relative terms for the toy scale: the table's deeper network is the next
 # deeper ResNet after the toy backbone (Table 1e's 50 -> 101).
 DEEPER = {'resnet18': 'resnet34', 'resnet34': 'resnet50', 'resnet50': 'resnet101', 'resnet101': 'resnet152'}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One row of a table.
+
+  Attributes:
+    paper: the paper's numbers for the row in percent, e.g. {'AP': 34.0, 'AP50': 52.5}
+      ('time_ms' for a timed table); empty for a table of one's own.
+    overrides: {config key: value} the row sets, e.g. {'loss.gamma': 2.0}, on every scale.
+    backbone: the row's network on COCO when it differs from the table's; at a toy scale
+      such a row takes the next deeper ResNet after the toy's (`DEEPER`).
+    scale: the row's shorter side on COCO (longer side capped in Detectron's proportion,
+      1333 at 800); at a toy scale the toy's image size is resized by scale / the table's
+      min_size.
+  """
+  paper: dict = dataclasses.field(default_factory=dict)
+  overrides: dict = dataclasses.field(default_factory=dict)
+  backbone: str | None = None
+  scale: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+  """A table of the paper (or of one's own) as data: what experiments/run_table.py runs.
+
+  Attributes:
+    name: the table file's name, for messages (results files are named after the file).
+    rows: {row name: Row}, in the order the table prints them.
+    default: the row `get_config` builds when the argument names none.
+    x_label: what the rows vary, for the plot.
+    min_size, max_size: the table's COCO image scale; None keeps configs/base.py's.
+    backbone: the table's network on COCO.
+    overrides: {config key: value} for every row on every scale.
+    coco_overrides, toy_overrides: the same, on COCO only / on the toy scales only.
+    measure_time: the runner times inference per image after each row (Table 1e).
+  """
+  name: str
+  rows: dict
+  default: str
+  x_label: str
+  min_size: int | None = None
+  max_size: int | None = None
+  backbone: str = 'resnet50'
+  overrides: dict = dataclasses.field(default_factory=dict)
+  coco_overrides: dict = dataclasses.field(default_factory=dict)
+  toy_overrides: dict = dataclasses.field(default_factory=dict)
+  measure_time: bool = False
+
+  def config(self, arg=None):
+    """The config of the row that `arg` names (see the module docstring)."""
+    a = parse(arg, self.name, self.rows, self.default)
+    row = self.rows[a.row]
+    c = start(a, min_size=self.min_size, max_size=self.max_size, backbone=self.backbone)
+    coco = a.dataset == 'coco'
+    for overrides in (self.overrides, self.coco_overrides if coco else self.toy_overrides, row.overrides):
+      for key, value in overrides.items():
+        _set(c, key, value, f'{self.name}, row {a.row}')
+    if row.backbone is not None:
+      c.model.backbone = row.backbone if coco else DEEPER[c.model.backbone]
+    if row.scale is not None:
+      if coco:
+        resize(c, row.scale, int(row.scale * 1333 / 800 + 0.5))
+      else:
+        factor = row.scale / self.min_size
+        resize(c, round(c.data.min_size * factor), round(c.data.max_size * factor))
+    c.train.schedule *= a.schedule
+    return c
+
+
+def _set(c, key, value, where):
+  """Sets the dotted config key `key`, which must exist in configs/base.py."""
+  *path, leaf = key.split('.')
+  node = c
+  for part in path:
+    node = node.get(part) if hasattr(node, 'get') else None
+  if node is None or not hasattr(node, 'get') or leaf not in node:
+    raise ValueError(f'{where}: no config key {key!r} in configs/base.py')
+  node[leaf] = value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +155,9 @@ def parse(arg, table, rows, default):
 
 
 def start(arg, *, min_size=None, max_size=None, backbone='resnet50'):
-  """The config a row starts from: the paper's at the table's fixed settings, or the toy scale.
+  """The config a row starts from: the paper's at the table's fixed settings, or a toy scale.
+
+  arg.schedule is applied by `Table.config`, after the table's own changes.
 
   The fixed settings (scale, depth) apply to COCO only: at the toy scale the row keeps
   the toy's model and canvas, and changes only what its table varies.
@@ -93,7 +177,6 @@ def start(arg, *, min_size=None, max_size=None, backbone='resnet50'):
     c = toy()
   else:
     c = sparse()
-  c.train.schedule *= arg.schedule
   c.seed = arg.seed
   return c
 

@@ -19,37 +19,23 @@ Paper (minival):  alpha   .10   .25   .50   .75   .90   .99  .999
 
 from configs import rows
 
-ALPHAS = {
-    'alpha_0.10': 0.10,
-    'alpha_0.25': 0.25,
-    'alpha_0.50': 0.50,
-    'alpha_0.75': 0.75,
-    'alpha_0.90': 0.90,
-    'alpha_0.99': 0.99,
-    'alpha_0.999': 0.999,
-}
-PAPER = {
-    'alpha_0.10': {'AP': 0.0, 'AP50': 0.0, 'AP75': 0.0},
-    'alpha_0.25': {'AP': 10.8, 'AP50': 16.0, 'AP75': 11.7},
-    'alpha_0.50': {'AP': 30.2, 'AP50': 46.7, 'AP75': 32.8},
-    'alpha_0.75': {'AP': 31.1, 'AP50': 49.4, 'AP75': 33.0},
-    'alpha_0.90': {'AP': 30.8, 'AP50': 49.7, 'AP75': 32.3},
-    'alpha_0.99': {'AP': 28.7, 'AP50': 47.4, 'AP75': 29.9},
-    'alpha_0.999': {'AP': 25.1, 'AP50': 41.7, 'AP75': 26.1},
-}
-X_LABEL = 'alpha (CE, gamma = 0)'
+TABLE = rows.Table(
+    name='table1a_alpha_ce',
+    min_size=600, max_size=1000, backbone='resnet50',
+    overrides={'loss.cls': 'focal', 'loss.gamma': 0.0},  # focal at gamma 0 is alpha-balanced CE
+    rows={
+        'alpha_0.10': rows.Row({'AP': 0.0, 'AP50': 0.0, 'AP75': 0.0}, {'loss.alpha': 0.10}),
+        'alpha_0.25': rows.Row({'AP': 10.8, 'AP50': 16.0, 'AP75': 11.7}, {'loss.alpha': 0.25}),
+        'alpha_0.50': rows.Row({'AP': 30.2, 'AP50': 46.7, 'AP75': 32.8}, {'loss.alpha': 0.50}),
+        'alpha_0.75': rows.Row({'AP': 31.1, 'AP50': 49.4, 'AP75': 33.0}, {'loss.alpha': 0.75}),
+        'alpha_0.90': rows.Row({'AP': 30.8, 'AP50': 49.7, 'AP75': 32.3}, {'loss.alpha': 0.90}),
+        'alpha_0.99': rows.Row({'AP': 28.7, 'AP50': 47.4, 'AP75': 29.9}, {'loss.alpha': 0.99}),
+        'alpha_0.999': rows.Row({'AP': 25.1, 'AP50': 41.7, 'AP75': 26.1}, {'loss.alpha': 0.999}),
+    },
+    default='alpha_0.75',
+    x_label='alpha (CE, gamma = 0)',
+)
 
 
 def get_config(arg=None):
-  a = rows.parse(arg, 'table1a_alpha_ce', ALPHAS, default='alpha_0.75')
-  c = rows.start(a, min_size=600, max_size=1000, backbone='resnet50')
-  c.loss.cls = 'focal'
-  c.loss.gamma = 0.0
-  c.loss.alpha = ALPHAS[a.row]
-  return c
-
-
-def sweep(add):
-  """Calls add(row=<name>) once per row of the table, in the paper's order."""
-  for row in ALPHAS:
-    add(row=row)
+  return TABLE.config(arg)

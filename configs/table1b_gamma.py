@@ -21,36 +21,28 @@ Paper (minival):  gamma    0    0.1   0.2   0.5   1.0   2.0   5.0
 
 from configs import rows
 
-GAMMA_ALPHA = {
-    'gamma_0': (0.0, 0.75),
-    'gamma_0.1': (0.1, 0.75),
-    'gamma_0.2': (0.2, 0.75),
-    'gamma_0.5': (0.5, 0.50),
-    'gamma_1': (1.0, 0.25),
-    'gamma_2': (2.0, 0.25),
-    'gamma_5': (5.0, 0.25),
-}
-PAPER = {
-    'gamma_0': {'AP': 31.1, 'AP50': 49.4, 'AP75': 33.0},
-    'gamma_0.1': {'AP': 31.4, 'AP50': 49.9, 'AP75': 33.1},
-    'gamma_0.2': {'AP': 31.9, 'AP50': 50.7, 'AP75': 33.4},
-    'gamma_0.5': {'AP': 32.9, 'AP50': 51.7, 'AP75': 35.2},
-    'gamma_1': {'AP': 33.7, 'AP50': 52.0, 'AP75': 36.2},
-    'gamma_2': {'AP': 34.0, 'AP50': 52.5, 'AP75': 36.5},
-    'gamma_5': {'AP': 32.2, 'AP50': 49.6, 'AP75': 34.8},
-}
-X_LABEL = 'gamma (with its alpha)'
+
+def _fl(gamma, alpha):
+  return {'loss.gamma': gamma, 'loss.alpha': alpha}
+
+
+TABLE = rows.Table(
+    name='table1b_gamma',
+    min_size=600, max_size=1000, backbone='resnet50',
+    overrides={'loss.cls': 'focal'},
+    rows={
+        'gamma_0': rows.Row({'AP': 31.1, 'AP50': 49.4, 'AP75': 33.0}, _fl(0.0, 0.75)),
+        'gamma_0.1': rows.Row({'AP': 31.4, 'AP50': 49.9, 'AP75': 33.1}, _fl(0.1, 0.75)),
+        'gamma_0.2': rows.Row({'AP': 31.9, 'AP50': 50.7, 'AP75': 33.4}, _fl(0.2, 0.75)),
+        'gamma_0.5': rows.Row({'AP': 32.9, 'AP50': 51.7, 'AP75': 35.2}, _fl(0.5, 0.50)),
+        'gamma_1': rows.Row({'AP': 33.7, 'AP50': 52.0, 'AP75': 36.2}, _fl(1.0, 0.25)),
+        'gamma_2': rows.Row({'AP': 34.0, 'AP50': 52.5, 'AP75': 36.5}, _fl(2.0, 0.25)),
+        'gamma_5': rows.Row({'AP': 32.2, 'AP50': 49.6, 'AP75': 34.8}, _fl(5.0, 0.25)),
+    },
+    default='gamma_2',
+    x_label='gamma (with its alpha)',
+)
 
 
 def get_config(arg=None):
-  a = rows.parse(arg, 'table1b_gamma', GAMMA_ALPHA, default='gamma_2')
-  c = rows.start(a, min_size=600, max_size=1000, backbone='resnet50')
-  c.loss.cls = 'focal'
-  c.loss.gamma, c.loss.alpha = GAMMA_ALPHA[a.row]
-  return c
-
-
-def sweep(add):
-  """Calls add(row=<name>) once per row of the table, in the paper's order."""
-  for row in GAMMA_ALPHA:
-    add(row=row)
+  return TABLE.config(arg)

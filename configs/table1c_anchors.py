@@ -20,37 +20,27 @@ Paper (minival):  #sc    1     2     3     1     2     3     4
 
 from configs import rows
 
-ONE_RATIO = (1.0,)
-THREE_RATIOS = (0.5, 1.0, 2.0)
-SCALES_RATIOS = {
-    'sc1_ar1': (1, ONE_RATIO),
-    'sc2_ar1': (2, ONE_RATIO),
-    'sc3_ar1': (3, ONE_RATIO),
-    'sc1_ar3': (1, THREE_RATIOS),
-    'sc2_ar3': (2, THREE_RATIOS),
-    'sc3_ar3': (3, THREE_RATIOS),
-    'sc4_ar3': (4, THREE_RATIOS),
-}
-PAPER = {
-    'sc1_ar1': {'AP': 30.3, 'AP50': 49.0, 'AP75': 31.8},
-    'sc2_ar1': {'AP': 31.9, 'AP50': 50.0, 'AP75': 34.0},
-    'sc3_ar1': {'AP': 31.8, 'AP50': 49.4, 'AP75': 33.7},
-    'sc1_ar3': {'AP': 32.4, 'AP50': 52.3, 'AP75': 33.9},
-    'sc2_ar3': {'AP': 34.2, 'AP50': 53.1, 'AP75': 36.5},
-    'sc3_ar3': {'AP': 34.0, 'AP50': 52.5, 'AP75': 36.5},
-    'sc4_ar3': {'AP': 33.8, 'AP50': 52.1, 'AP75': 36.2},
-}
-X_LABEL = 'anchors (#scales x #ratios)'
+
+def _anchors(scales, ratios):
+  return {'anchors.scales_per_octave': scales, 'anchors.ratios': (1.0,) if ratios == 1 else (0.5, 1.0, 2.0)}
+
+
+TABLE = rows.Table(
+    name='table1c_anchors',
+    min_size=600, max_size=1000, backbone='resnet50',
+    rows={
+        'sc1_ar1': rows.Row({'AP': 30.3, 'AP50': 49.0, 'AP75': 31.8}, _anchors(1, 1)),
+        'sc2_ar1': rows.Row({'AP': 31.9, 'AP50': 50.0, 'AP75': 34.0}, _anchors(2, 1)),
+        'sc3_ar1': rows.Row({'AP': 31.8, 'AP50': 49.4, 'AP75': 33.7}, _anchors(3, 1)),
+        'sc1_ar3': rows.Row({'AP': 32.4, 'AP50': 52.3, 'AP75': 33.9}, _anchors(1, 3)),
+        'sc2_ar3': rows.Row({'AP': 34.2, 'AP50': 53.1, 'AP75': 36.5}, _anchors(2, 3)),
+        'sc3_ar3': rows.Row({'AP': 34.0, 'AP50': 52.5, 'AP75': 36.5}, _anchors(3, 3)),
+        'sc4_ar3': rows.Row({'AP': 33.8, 'AP50': 52.1, 'AP75': 36.2}, _anchors(4, 3)),
+    },
+    default='sc3_ar3',
+    x_label='anchors (#scales x #ratios)',
+)
 
 
 def get_config(arg=None):
-  a = rows.parse(arg, 'table1c_anchors', SCALES_RATIOS, default='sc3_ar3')
-  c = rows.start(a, min_size=600, max_size=1000, backbone='resnet50')
-  c.anchors.scales_per_octave, c.anchors.ratios = SCALES_RATIOS[a.row]
-  return c
-
-
-def sweep(add):
-  """Calls add(row=<name>) once per row of the table, in the paper's order."""
-  for row in SCALES_RATIOS:
-    add(row=row)
+  return TABLE.config(arg)

@@ -27,46 +27,32 @@ Paper (minival):  method    batch  nms   AP    AP50  AP75
 
 from configs import rows
 
-# row -> (loss.cls, ohem_batch, ohem_nms, ohem_neg_pos); the FL row keeps base's OHEM keys (unused).
-METHODS = {
-    'ohem_128_nms0.7': ('ohem', 128, 0.7, 0.0),
-    'ohem_256_nms0.7': ('ohem', 256, 0.7, 0.0),
-    'ohem_512_nms0.7': ('ohem', 512, 0.7, 0.0),
-    'ohem_128_nms0.5': ('ohem', 128, 0.5, 0.0),
-    'ohem_256_nms0.5': ('ohem', 256, 0.5, 0.0),
-    'ohem_512_nms0.5': ('ohem', 512, 0.5, 0.0),
-    'ohem13_128_nms0.5': ('ohem', 128, 0.5, 3.0),
-    'ohem13_256_nms0.5': ('ohem', 256, 0.5, 3.0),
-    'ohem13_512_nms0.5': ('ohem', 512, 0.5, 3.0),
-    'fl': ('focal', 128, 0.7, 0.0),
-}
-PAPER = {
-    'ohem_128_nms0.7': {'AP': 31.1, 'AP50': 47.2, 'AP75': 33.2},
-    'ohem_256_nms0.7': {'AP': 31.8, 'AP50': 48.8, 'AP75': 33.9},
-    'ohem_512_nms0.7': {'AP': 30.6, 'AP50': 47.0, 'AP75': 32.6},
-    'ohem_128_nms0.5': {'AP': 32.8, 'AP50': 50.3, 'AP75': 35.1},
-    'ohem_256_nms0.5': {'AP': 31.0, 'AP50': 47.4, 'AP75': 33.0},
-    'ohem_512_nms0.5': {'AP': 27.6, 'AP50': 42.0, 'AP75': 29.2},
-    'ohem13_128_nms0.5': {'AP': 31.1, 'AP50': 47.2, 'AP75': 33.2},
-    'ohem13_256_nms0.5': {'AP': 28.3, 'AP50': 42.4, 'AP75': 30.3},
-    'ohem13_512_nms0.5': {'AP': 24.0, 'AP50': 35.5, 'AP75': 25.8},
-    'fl': {'AP': 36.0, 'AP50': 54.9, 'AP75': 38.7},
-}
-X_LABEL = 'method (OHEM batch, NMS threshold; FL)'
+
+def _ohem(batch, nms, neg_pos=0.0):
+  # OHEM ranks anchors by plain CE (the paper's baseline): no alpha, no modulation.
+  return {'loss.cls': 'ohem', 'loss.ohem_batch': batch, 'loss.ohem_nms': nms, 'loss.ohem_neg_pos': neg_pos,
+          'loss.gamma': 0.0, 'loss.alpha': -1.0}
+
+
+TABLE = rows.Table(
+    name='table1d_ohem',
+    min_size=600, max_size=1000, backbone='resnet101',
+    rows={
+        'ohem_128_nms0.7': rows.Row({'AP': 31.1, 'AP50': 47.2, 'AP75': 33.2}, _ohem(128, 0.7)),
+        'ohem_256_nms0.7': rows.Row({'AP': 31.8, 'AP50': 48.8, 'AP75': 33.9}, _ohem(256, 0.7)),
+        'ohem_512_nms0.7': rows.Row({'AP': 30.6, 'AP50': 47.0, 'AP75': 32.6}, _ohem(512, 0.7)),
+        'ohem_128_nms0.5': rows.Row({'AP': 32.8, 'AP50': 50.3, 'AP75': 35.1}, _ohem(128, 0.5)),
+        'ohem_256_nms0.5': rows.Row({'AP': 31.0, 'AP50': 47.4, 'AP75': 33.0}, _ohem(256, 0.5)),
+        'ohem_512_nms0.5': rows.Row({'AP': 27.6, 'AP50': 42.0, 'AP75': 29.2}, _ohem(512, 0.5)),
+        'ohem13_128_nms0.5': rows.Row({'AP': 31.1, 'AP50': 47.2, 'AP75': 33.2}, _ohem(128, 0.5, 3.0)),
+        'ohem13_256_nms0.5': rows.Row({'AP': 28.3, 'AP50': 42.4, 'AP75': 30.3}, _ohem(256, 0.5, 3.0)),
+        'ohem13_512_nms0.5': rows.Row({'AP': 24.0, 'AP50': 35.5, 'AP75': 25.8}, _ohem(512, 0.5, 3.0)),
+        'fl': rows.Row({'AP': 36.0, 'AP50': 54.9, 'AP75': 38.7}, {'loss.cls': 'focal'}),
+    },
+    default='fl',
+    x_label='method (OHEM batch, NMS threshold; FL)',
+)
 
 
 def get_config(arg=None):
-  a = rows.parse(arg, 'table1d_ohem', METHODS, default='fl')
-  c = rows.start(a, min_size=600, max_size=1000, backbone='resnet101')
-  c.loss.cls, c.loss.ohem_batch, c.loss.ohem_nms, c.loss.ohem_neg_pos = METHODS[a.row]
-  if c.loss.cls == 'ohem':
-    # OHEM ranks anchors by plain CE (the paper's baseline): no alpha, no modulation.
-    c.loss.gamma = 0.0
-    c.loss.alpha = -1.0
-  return c
-
-
-def sweep(add):
-  """Calls add(row=<name>) once per row of the table, in the paper's order."""
-  for row in METHODS:
-    add(row=row)
+  return TABLE.config(arg)

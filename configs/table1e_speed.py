@@ -32,46 +32,33 @@ Paper (test-dev):  depth scale   AP  AP50  AP75  APs  APm  APl  time (ms)
 
 from configs import rows
 
-DEPTH_SCALE = {
-    f'r{depth}_{scale}': (depth, scale) for depth in (50, 101) for scale in (400, 500, 600, 700, 800)
-}
-_PAPER_ROWS = (  # AP, AP50, AP75, APs, APm, APl, time in ms
-    (30.5, 47.8, 32.7, 11.2, 33.8, 46.1, 64),
-    (32.5, 50.9, 34.8, 13.9, 35.8, 46.7, 72),
-    (34.3, 53.2, 36.9, 16.2, 37.4, 47.4, 98),
-    (35.1, 54.2, 37.7, 18.0, 39.3, 46.4, 121),
-    (35.7, 55.0, 38.5, 18.9, 38.9, 46.3, 153),
-    (31.9, 49.5, 34.1, 11.6, 35.8, 48.5, 81),
-    (34.4, 53.1, 36.8, 14.7, 38.5, 49.1, 90),
-    (36.0, 55.2, 38.7, 17.4, 39.6, 49.7, 122),
-    (37.1, 56.6, 39.8, 19.1, 40.6, 49.4, 154),
-    (37.8, 57.5, 40.8, 20.2, 41.1, 49.2, 198),
+_KEYS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'time_ms')
+
+
+def _row(depth, scale, *paper):
+  return rows.Row(dict(zip(_KEYS, paper)), backbone=f'resnet{depth}' if depth != 50 else None, scale=scale)
+
+
+TABLE = rows.Table(
+    name='table1e_speed',
+    min_size=600, max_size=1000, backbone='resnet50',
+    rows={
+        'r50_400': _row(50, 400, 30.5, 47.8, 32.7, 11.2, 33.8, 46.1, 64),
+        'r50_500': _row(50, 500, 32.5, 50.9, 34.8, 13.9, 35.8, 46.7, 72),
+        'r50_600': _row(50, 600, 34.3, 53.2, 36.9, 16.2, 37.4, 47.4, 98),
+        'r50_700': _row(50, 700, 35.1, 54.2, 37.7, 18.0, 39.3, 46.4, 121),
+        'r50_800': _row(50, 800, 35.7, 55.0, 38.5, 18.9, 38.9, 46.3, 153),
+        'r101_400': _row(101, 400, 31.9, 49.5, 34.1, 11.6, 35.8, 48.5, 81),
+        'r101_500': _row(101, 500, 34.4, 53.1, 36.8, 14.7, 38.5, 49.1, 90),
+        'r101_600': _row(101, 600, 36.0, 55.2, 38.7, 17.4, 39.6, 49.7, 122),
+        'r101_700': _row(101, 700, 37.1, 56.6, 39.8, 19.1, 40.6, 49.4, 154),
+        'r101_800': _row(101, 800, 37.8, 57.5, 40.8, 20.2, 41.1, 49.2, 198),
+    },
+    default='r101_800',
+    x_label='time per image (ms)',
+    measure_time=True,
 )
-PAPER = {
-    row: dict(zip(('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'time_ms'), values))
-    for row, values in zip(DEPTH_SCALE, _PAPER_ROWS)
-}
-X_LABEL = 'time per image (ms)'
-
-
-def max_size(scale):
-  """Detectron's longer-side cap for a shorter side `scale`: 1333 at 800, in proportion."""
-  return int(scale * 1333 / 800 + 0.5)
 
 
 def get_config(arg=None):
-  a = rows.parse(arg, 'table1e_speed', DEPTH_SCALE, default='r101_800')
-  depth, scale = DEPTH_SCALE[a.row]
-  if a.dataset == 'coco':
-    return rows.start(a, min_size=scale, max_size=max_size(scale), backbone=f'resnet{depth}')
-  c = rows.start(a)
-  if depth == 101:
-    c.model.backbone = rows.DEEPER[c.model.backbone]
-  rows.resize(c, round(c.data.min_size * scale / 600), round(c.data.max_size * scale / 600))
-  return c
-
-
-def sweep(add):
-  """Calls add(row=<name>) once per row of the table, in the paper's order."""
-  for row in DEPTH_SCALE:
-    add(row=row)
+  return TABLE.config(arg)

@@ -26,29 +26,22 @@ Paper (test-dev):          backbone          AP   AP50  AP75  APs   APm   APl
 
 from configs import rows
 
-BACKBONES = {'r101': 'resnet101', 'x101': 'resnext101_64x4d'}
-PAPER = {
-    'r101': {'AP': 39.1, 'AP50': 59.1, 'AP75': 42.3, 'APs': 21.8, 'APm': 42.7, 'APl': 50.2},
-    'x101': {'AP': 40.8, 'AP50': 61.1, 'AP75': 44.1, 'APs': 24.1, 'APm': 44.2, 'APl': 51.2},
-}
-X_LABEL = 'final model'
+_KEYS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
+
+TABLE = rows.Table(
+    name='table2_final',
+    backbone='resnet101',  # 800 / 1333, configs/base.py's scale
+    overrides={'data.scale_jitter': (0.8, 1.0)},
+    coco_overrides={'train.steps': 135000, 'optim.decay_steps': (90000, 120000)},
+    toy_overrides={'train.schedule': 1.5},
+    rows={
+        'r101': rows.Row(dict(zip(_KEYS, (39.1, 59.1, 42.3, 21.8, 42.7, 50.2)))),
+        'x101': rows.Row(dict(zip(_KEYS, (40.8, 61.1, 44.1, 24.1, 44.2, 51.2))), backbone='resnext101_64x4d'),
+    },
+    default='x101',
+    x_label='final model',
+)
 
 
 def get_config(arg=None):
-  a = rows.parse(arg, 'table2_final', BACKBONES, default='x101')
-  c = rows.start(a, backbone=BACKBONES[a.row])
-  c.data.scale_jitter = (0.8, 1.0)
-  if a.dataset == 'coco':
-    c.train.steps = 135000
-    c.optim.decay_steps = (90000, 120000)
-  else:
-    c.train.schedule *= 1.5
-    if a.row == 'x101':
-      c.model.backbone = rows.DEEPER[c.model.backbone]
-  return c
-
-
-def sweep(add):
-  """Calls add(row=<name>) once per row of the table, in the paper's order."""
-  for row in BACKBONES:
-    add(row=row)
+  return TABLE.config(arg)

@@ -31,7 +31,7 @@ import argparse
 import jax
 import numpy as np
 
-from configs import rows
+from configs import table1b_gamma
 from retina_jax import anchors as anchors_lib
 from retina_jax import matching
 
@@ -122,10 +122,10 @@ def main(argv=None):
   print('| scale | anchors / image | objects / image | positives / object | positives / image '
         '| anchors / object | anchors / positive |')
   print('|---|---|---|---|---|---|---|')
-  coco = rows.start(rows.Arg('gamma_2', 'coco', 1.0), min_size=600, max_size=1000)
+  coco = table1b_gamma.get_config('dataset=coco')  # the ablations' 600 / 1000
   print(line('COCO 600/1000 (estimate)', coco_estimate(coco, args.coco_boxes)), flush=True)
   for dataset in args.datasets.split(','):
-    config = rows.start(rows.Arg('gamma_2', dataset, 1.0))
+    config = table1b_gamma.get_config(f'dataset={dataset}')
     print(line(f'{dataset} (measured)', toy_measured(config, args.images)), flush=True)
 
 

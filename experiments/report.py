@@ -101,7 +101,8 @@ def markdown(name, module, dataset, results, command, plot_file, notes=''):
     plot_file: the plot's file name, beside the results file.
     notes: the hand-written '## Notes' section to keep, or ''.
   """
-  keys = [k for k in METRICS if any(k in r['paper'] for r in results)]
+  # The metrics the paper prints for this table; a table of one's own without paper numbers gets COCO's three.
+  keys = [k for k in METRICS if any(k in r['paper'] for r in results)] or ['AP', 'AP50', 'AP75']
   title = module.__doc__.strip().splitlines()[0]
   done = [r for r in results if r['ours'] and np.isfinite(r['ours'].get('AP', np.nan))]
   scale = SCALES[dataset]
@@ -128,7 +129,10 @@ def markdown(name, module, dataset, results, command, plot_file, notes=''):
                  f' | {r.get("seeds", 1 if r["ours"] else 0)} | `{r["config"]}` | {steps} | {wall} | '
                  f'{r["hardware"]} | {r["date"]} |')
   lines += ['', f'Computed trend check over the {len(done)} rows with results: ']
-  if len(done) >= 2:
+  if len(done) >= 2 and not all('AP' in r['paper'] for r in done):
+    lines[-1] += (f'best row by AP: {max(done, key=lambda r: r["ours"]["AP"])["row"]} (no paper numbers '
+                  'to compare with).' + _spread_check(done))
+  elif len(done) >= 2:
     paper_ap = [r['paper']['AP'] for r in done]
     ours_ap = [r['ours']['AP'] for r in done]
     lines[-1] += (f'best row by AP, paper: {done[int(np.argmax(paper_ap))]["row"]}, '
@@ -145,17 +149,19 @@ def markdown(name, module, dataset, results, command, plot_file, notes=''):
 
 
 def plot(name, module, results, path):
-  """AP across the table's rows (or, for Table 1e, AP against time per image) as a PNG."""
-  if name == 'table1e_speed':
+  """AP across the table's rows (or, for a timed table, AP against time per image) as a PNG."""
+  table = module.TABLE
+  if table.measure_time:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     panels = ((axes[0], 'paper', 'paper, ms on an M40'), (axes[1], 'ours', 'ours, ms on this device'))
+    networks = list(dict.fromkeys(row.backbone or table.backbone for row in table.rows.values()))
     for ax, who, unit in panels:
-      for depth in (50, 101):
-        pts = [(r[who]['time_ms'], r[who]['AP'], module.DEPTH_SCALE[r['row']][1]) for r in results
-               if r[who] and 'time_ms' in r[who] and module.DEPTH_SCALE[r['row']][0] == depth]
+      for network in networks:  # one curve per network, its points the rows' scales
+        pts = [(r[who]['time_ms'], r[who]['AP'], table.rows[r['row']].scale) for r in results
+               if r[who] and 'time_ms' in r[who] and (table.rows[r['row']].backbone or table.backbone) == network]
         if pts:
           t, ap, scale = zip(*pts)
-          ax.plot(t, ap, 'o-', label=f'depth {depth}')
+          ax.plot(t, ap, 'o-', label=network)
           for x, y, s in pts:
             ax.annotate(str(s), (x, y), textcoords='offset points', xytext=(3, 3), fontsize=7)
       ax.set_xlabel(f'time per image ({unit})')
@@ -167,10 +173,10 @@ def plot(name, module, results, path):
   else:
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(results)), 4.2))
     x = np.arange(len(results))
-    ax.plot(x, [r['paper']['AP'] for r in results], 'ko-', label='paper (COCO)')
+    ax.plot(x, [r['paper'].get('AP', np.nan) for r in results], 'ko-', label='paper (COCO)')
     ax.set_ylabel('AP, paper (COCO)')
     ax.set_xticks(x, [r['row'] for r in results], rotation=30, ha='right')
-    ax.set_xlabel(module.X_LABEL)
+    ax.set_xlabel(table.x_label)
     ours = [r['ours']['AP'] if r['ours'] and 'AP' in r['ours'] else np.nan for r in results]
     spread = [r['sd']['AP'] if r.get('sd') else 0.0 for r in results]
     twin = ax.twinx()  # the toy scale's AP lives on another scale: compare shapes, not values

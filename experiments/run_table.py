@@ -18,8 +18,8 @@ its workdirs. Then experiments/results/<table>_<d>.md gets the paper's numbers b
 ours (mean +- sd over the seeds run) with the imbalance training met (anchors per
 positive anchor, from each run's num_pos), and <table>_<d>.png the table's trend
 with the seeds' spread; a '## Notes' section written by hand in the results file is
-kept when the file is rewritten. For Table 1e the runner
-also times inference (model + post-processing, jitted, after warm-up) per image
+kept when the file is rewritten. For a table with
+measure_time (Table 1e) the runner also times inference (model + post-processing, jitted, after warm-up) per image
 on its own device, after each row trains; --retime times every trained row again
 in one pass, for when other jobs shared the device while the rows trained.
 """
@@ -28,6 +28,7 @@ import argparse
 import concurrent.futures
 import datetime
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -40,40 +41,32 @@ import time
 import numpy as np
 
 from configs import rows as rows_lib
-from configs import table1a_alpha_ce
-from configs import table1b_gamma
-from configs import table1c_anchors
-from configs import table1d_ohem
-from configs import table1e_speed
-from configs import table2_final
 from experiments import report
 from retina_jax import anchors as anchors_lib
 
-TABLES = {
-    'table1a_alpha_ce': table1a_alpha_ce,
-    'table1b_gamma': table1b_gamma,
-    'table1c_anchors': table1c_anchors,
-    'table1d_ohem': table1d_ohem,
-    'table1e_speed': table1e_speed,
-    'table2_final': table2_final,
-}
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 _RECORD = 'run_table.json'  # what the runner knows about a row, beside the row's own outputs
 
 
-def table_of(config_path):
-  """(name, module) of the table file at `config_path`, e.g. configs/table1b_gamma.py."""
+def load_table(config_path):
+  """(name, module) of the table file at `config_path`, any file that defines TABLE = rows.Table(...).
+
+  The name (the file's, e.g. 'table1b_gamma') names the results files and workdirs.
+  """
   name = os.path.splitext(os.path.basename(config_path))[0]
-  if name not in TABLES:
-    raise ValueError(f'{config_path}: not a table config; tables: {", ".join(TABLES)}')
-  return name, TABLES[name]
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f'{config_path}: no such table file')
+  spec = importlib.util.spec_from_file_location(name, config_path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not isinstance(getattr(module, 'TABLE', None), rows_lib.Table):
+    raise ValueError(f'{config_path}: not a table config (it defines no TABLE = configs.rows.Table(...))')
+  return name, module
 
 
 def table_rows(module):
-  """The row names of a table module, in the order its `sweep` adds them."""
-  names = []
-  module.sweep(lambda row: names.append(row))
-  return names
+  """The row names of a table file, in the table's order."""
+  return list(module.TABLE.rows)
 
 
 def config_arg(row, dataset, schedule, seed=0):
@@ -258,7 +251,7 @@ def collect(module, names, dataset, schedule, root):
           if len(runs) >= 2 else None)
     first = records[0] if records else {}
     results.append({
-        'row': row, 'paper': module.PAPER[row], 'ours': mean, 'sd': sd,
+        'row': row, 'paper': module.TABLE.rows[row].paper, 'ours': mean, 'sd': sd,
         'ap_per_seed': {seed: o.get('AP') for seed, _, o in runs}, 'seeds': len(runs),
         'step': runs[0][1] if runs else None,
         'config': first.get('config', config_arg(row, dataset, schedule)),
@@ -291,7 +284,7 @@ def main(argv=None):
   parser.add_argument('--results-dir', default=RESULTS_DIR)
   args = parser.parse_args(argv)
 
-  name, module = table_of(args.config)
+  name, module = load_table(args.config)
   names = table_rows(module)
   if args.rows:
     chosen = [r.strip() for r in args.rows.split(',') if r.strip()]
@@ -299,14 +292,14 @@ def main(argv=None):
     if unknown:
       parser.error(f'--rows: unknown rows {unknown} of {name}; rows: {", ".join(names)}')
     names = [r for r in names if r in chosen]
-  if args.retime and module is not table1e_speed:
-    parser.error('--retime: only Table 1e (configs/table1e_speed.py) measures time')
+  if args.retime and not module.TABLE.measure_time:
+    parser.error(f'--retime: only a table with measure_time (Table 1e) times its rows; {name} does not')
   if not args.schedule > 0:
     parser.error(f'--schedule must be > 0, got {args.schedule}')
   if args.seeds < 1 or args.parallel < 1:
     parser.error(f'--seeds and --parallel must be >= 1, got {args.seeds} and {args.parallel}')
-  if args.parallel > 1 and module is table1e_speed:
-    parser.error('--parallel: Table 1e times inference, which needs the device to itself')
+  if args.parallel > 1 and module.TABLE.measure_time:
+    parser.error(f'--parallel: {name} times inference, which needs the device to itself')
   # orbax needs absolute checkpoint paths.
   root = os.path.join(os.path.abspath(args.workdir_root), f'{name}_{args.dataset}')
 
@@ -341,7 +334,7 @@ def main(argv=None):
     label, row, seed, workdir = job
     print(f'{label}: training in {workdir} (log.txt)', flush=True)
     record = run_row(args.config, module, row, args.dataset, args.schedule, workdir,
-                     measure_time=module is table1e_speed, seed=seed, share=args.parallel)
+                     measure_time=module.TABLE.measure_time, seed=seed, share=args.parallel)
     found = latest_eval(workdir)
     if record['returncode'] != 0 or found is None:
       print(f'{label}: failed (exit code {record["returncode"]}); see {workdir}/log.txt', flush=True)

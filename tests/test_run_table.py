@@ -1,5 +1,6 @@
 """The table runner: dry run, row loop, metrics collection, results file and plot."""
 
+import glob
 import json
 import os
 import shlex
@@ -14,7 +15,8 @@ from experiments import run_table
 
 
 def test_dry_run_lists_every_row_of_every_table(capsys, tmp_path):
-  for name, module in run_table.TABLES.items():
+  for path in sorted(glob.glob('configs/table*.py')):
+    name, module = run_table.load_table(path)
     run_table.main([f'configs/{name}.py', '--dataset', 'shapes', '--schedule', '0.5', '--dry-run',
                     '--workdir-root', str(tmp_path)])
     lines = capsys.readouterr().out.strip().splitlines()
@@ -36,7 +38,7 @@ def test_rows_filter_and_bad_names(capsys):
   with pytest.raises(SystemExit):
     run_table.main(['configs/table1c_anchors.py', '--rows', 'sc9_ar9', '--dry-run'])
   assert 'sc9_ar9' in capsys.readouterr().err
-  with pytest.raises(ValueError, match='configs/base.py: not a table config'):
+  with pytest.raises(ValueError, match=r'configs/base.py: not a table config \(it defines no TABLE'):
     run_table.main(['configs/base.py', '--dry-run'])
 
 
@@ -117,7 +119,7 @@ def test_retime_measures_trained_rows_again_and_only_for_table1e(tmp_path, monke
   assert '64.0 / 4.00' in (tmp_path / 'results' / 'table1e_speed_shapes.md').read_text()
   with pytest.raises(SystemExit):
     run_table.main(['configs/table1b_gamma.py', '--dataset', 'shapes', '--retime'])
-  assert 'only Table 1e' in capsys.readouterr().err
+  assert 'only a table with measure_time (Table 1e)' in capsys.readouterr().err
 
 
 def test_spearman():
@@ -235,16 +237,68 @@ def test_parallel_seeds_all_run_and_are_collected(tmp_path, monkeypatch):
 
 
 def test_coco_imbalance_estimate_and_counts():
-  from configs import rows
   from experiments import imbalance
-  coco = rows.start(rows.Arg('gamma_2', 'coco', 1.0), min_size=600, max_size=1000)
+  coco = table1b_gamma.get_config('dataset=coco')
   # P3-P7 cells over 600 x 800: 75*100 + 38*50 + 19*25 + 10*13 + 5*7 = 10,040, 9 anchors each.
   assert imbalance.anchors_in((600, 800), coco.anchors) == 90360
   estimate = imbalance.coco_estimate(coco, 1000, seed=1)
   assert estimate['anchors_per_positive'] == pytest.approx(imbalance.COCO_ANCHORS_PER_POSITIVE, rel=0.06)
   # A box that is exactly one 32 px anchor of P3 is matched by at least that anchor.
-  toy = rows.start(rows.Arg('gamma_2', 'sparse', 1.0))
+  toy = table1b_gamma.get_config('dataset=sparse')
   box = [[[100.0 - 8, 100.0 - 8, 100.0 + 8, 100.0 + 8]]]  # 16 px: toy anchors are half the paper's
   import numpy as np
   positives = imbalance.count(toy, np.array(box, np.float32), np.zeros((1, 1), np.int32))
   assert positives.shape == (1,) and positives[0] >= 1
+
+
+_MY_TABLE = '''"""My table: the focal loss's gamma at two values, on the toy scale only."""
+
+from configs import rows
+
+TABLE = rows.Table(
+    name='my_table',
+    overrides={'loss.cls': 'focal', 'loss.alpha': 0.25},
+    rows={
+        'g1': rows.Row(overrides={'loss.gamma': 1.0}),
+        'g3': rows.Row(overrides={'loss.gamma': 3.0}),
+    },
+    default='g1',
+    x_label='gamma',
+)
+
+
+def get_config(arg=None):
+  return TABLE.config(arg)
+'''
+
+
+def test_a_new_table_is_one_file_and_no_runner_change(tmp_path, monkeypatch, capsys):
+  path = tmp_path / 'my_table.py'
+  path.write_text(_MY_TABLE)
+  name, module = run_table.load_table(str(path))
+  assert name == 'my_table' and run_table.table_rows(module) == ['g1', 'g3']
+  c = module.get_config('row=g3,dataset=shapes')
+  assert (c.loss.gamma, c.loss.alpha, c.data.dataset) == (3.0, 0.25, 'shapes')
+  script = ('import json, os, sys\n'
+            'json.dump({"AP": float(sys.argv[2]) / 10, "AP50": 0.7, "AP75": 0.4}, '
+            'open(os.path.join(sys.argv[1], "eval_10.json"), "w"))')
+  commands = []
+
+  def fake_command(config_path, row, dataset, schedule, workdir, seed=0):
+    commands.append(f'{config_path}:{run_table.config_arg(row, dataset, schedule, seed)}')
+    return [sys.executable, '-c', script, workdir, row[1]]
+
+  monkeypatch.setattr(run_table, 'row_command', fake_command)
+  args = [str(path), '--dataset', 'shapes', '--workdir-root', str(tmp_path / 'runs'),
+          '--results-dir', str(tmp_path / 'results')]
+  assert run_table.main(args) == 0
+  assert commands == [f'{path}:row=g1,dataset=shapes,schedule=1', f'{path}:row=g3,dataset=shapes,schedule=1']
+  text = (tmp_path / 'results' / 'my_table_shapes.md').read_text()
+  assert '# my_table on shapes: My table: the focal loss' in text
+  assert '| g3 | - / 30.00 | - / 70.00 | - / 40.00 |' in text
+  assert 'best row by AP: g3 (no paper numbers to compare with)' in text
+  bad = tmp_path / 'bad_table.py'
+  bad.write_text(_MY_TABLE.replace("'loss.gamma': 3.0", "'loss.gama': 3.0"))
+  _, module = run_table.load_table(str(bad))
+  with pytest.raises(ValueError, match=r"my_table, row g3: no config key 'loss.gama' in configs/base.py"):
+    module.get_config('row=g3')
