@@ -18,6 +18,7 @@ Paper (minival):  alpha   .10   .25   .50   .75   .90   .99  .999
 """
 
 from configs import rows
+from retina_jax.data import buckets
 
 ALPHAS = {
     'alpha_0.10': 0.10,
@@ -43,6 +44,7 @@ X_LABEL = 'alpha (CE, gamma = 0)'
 def get_config(arg=None):
   a = rows.parse(arg, 'table1a_alpha_ce', ALPHAS, default='alpha_0.75')
   c = rows.start(a, min_size=600, max_size=1000, backbone='resnet50')
+  c.data.buckets = buckets.propose(c.data.min_size, c.data.max_size)  # base's are for 800/1333
   c.loss.cls = 'focal'
   c.loss.gamma = 0.0
   c.loss.alpha = ALPHAS[a.row]

@@ -20,6 +20,7 @@ Paper (minival):  gamma    0    0.1   0.2   0.5   1.0   2.0   5.0
 """
 
 from configs import rows
+from retina_jax.data import buckets
 
 GAMMA_ALPHA = {
     'gamma_0': (0.0, 0.75),
@@ -45,6 +46,7 @@ X_LABEL = 'gamma (with its alpha)'
 def get_config(arg=None):
   a = rows.parse(arg, 'table1b_gamma', GAMMA_ALPHA, default='gamma_2')
   c = rows.start(a, min_size=600, max_size=1000, backbone='resnet50')
+  c.data.buckets = buckets.propose(c.data.min_size, c.data.max_size)  # base's are for 800/1333
   c.loss.cls = 'focal'
   c.loss.gamma, c.loss.alpha = GAMMA_ALPHA[a.row]
   return c

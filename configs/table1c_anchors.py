@@ -19,6 +19,7 @@ Paper (minival):  #sc    1     2     3     1     2     3     4
 """
 
 from configs import rows
+from retina_jax.data import buckets
 
 ONE_RATIO = (1.0,)
 THREE_RATIOS = (0.5, 1.0, 2.0)
@@ -46,6 +47,7 @@ X_LABEL = 'anchors (#scales x #ratios)'
 def get_config(arg=None):
   a = rows.parse(arg, 'table1c_anchors', SCALES_RATIOS, default='sc3_ar3')
   c = rows.start(a, min_size=600, max_size=1000, backbone='resnet50')
+  c.data.buckets = buckets.propose(c.data.min_size, c.data.max_size)  # base's are for 800/1333
   c.anchors.scales_per_octave, c.anchors.ratios = SCALES_RATIOS[a.row]
   return c
 

@@ -26,6 +26,7 @@ Paper (minival):  method    batch  nms   AP    AP50  AP75
 """
 
 from configs import rows
+from retina_jax.data import buckets
 
 # row -> (loss.cls, ohem_batch, ohem_nms, ohem_neg_pos); the FL row keeps base's OHEM keys (unused).
 METHODS = {
@@ -58,6 +59,7 @@ X_LABEL = 'method (OHEM batch, NMS threshold; FL)'
 def get_config(arg=None):
   a = rows.parse(arg, 'table1d_ohem', METHODS, default='fl')
   c = rows.start(a, min_size=600, max_size=1000, backbone='resnet101')
+  c.data.buckets = buckets.propose(c.data.min_size, c.data.max_size)  # base's are for 800/1333
   c.loss.cls, c.loss.ohem_batch, c.loss.ohem_nms, c.loss.ohem_neg_pos = METHODS[a.row]
   if c.loss.cls == 'ohem':
     # OHEM ranks anchors by plain CE (the paper's baseline): no alpha, no modulation.

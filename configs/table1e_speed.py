@@ -31,6 +31,7 @@ Paper (test-dev):  depth scale   AP  AP50  AP75  APs  APm  APl  time (ms)
 """
 
 from configs import rows
+from retina_jax.data import buckets
 
 DEPTH_SCALE = {
     f'r{depth}_{scale}': (depth, scale) for depth in (50, 101) for scale in (400, 500, 600, 700, 800)
@@ -63,7 +64,9 @@ def get_config(arg=None):
   a = rows.parse(arg, 'table1e_speed', DEPTH_SCALE, default='r101_800')
   depth, scale = DEPTH_SCALE[a.row]
   if a.dataset == 'coco':
-    return rows.start(a, min_size=scale, max_size=max_size(scale), backbone=f'resnet{depth}')
+    c = rows.start(a, min_size=scale, max_size=max_size(scale), backbone=f'resnet{depth}')
+    c.data.buckets = buckets.propose(c.data.min_size, c.data.max_size)  # base's are for 800/1333
+    return c
   c = rows.start(a)
   if depth == 101:
     c.model.backbone = rows.DEEPER[c.model.backbone]

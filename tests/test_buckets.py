@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from retina_jax.data import augment
 from retina_jax.data import buckets
-from retina_jax.data import pipeline
+from retina_jax.data import sizes
 
 COCO_800 = buckets.propose(800, 1333)
 COCO_600 = buckets.propose(600, 1000)
@@ -21,7 +21,7 @@ def test_numpy_resized_sizes_equal_tf_ones(min_size, max_size):
 
   def in_tf(size):  # as the pipeline runs it: per image, inside tf.data
     new = augment.resized_hw(size, augment.paper_scale(size[0], size[1], min_size, max_size))
-    return new, pipeline._bucket_index(size, min_size, max_size, COCO_800)
+    return new, sizes.bucket_index(size, min_size, max_size, COCO_800)
 
   got = list(tf.data.Dataset.from_tensor_slices(hw.astype(np.int32)).map(in_tf).as_numpy_iterator())
   np.testing.assert_array_equal([g[0] for g in got], want)
