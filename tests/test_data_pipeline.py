@@ -22,6 +22,7 @@ def _config(data_dir, **data):
   c = base.get_config()
   c.data.dataset = 'shapes'
   c.data.data_dir = data_dir
+  c.data.use_buckets = False  # one canvas here; tests/test_data_buckets.py covers buckets
   c.data.canvas = (128, 128)
   c.data.min_size = 64
   c.data.max_size = 64
