@@ -76,6 +76,7 @@ def to_original_pixels(boxes, scale, orig_hw):
   Returns:
     [B, D, 4] original pixels (x1, y1, x2, y2).
   """
+  scale = np.where(scale > 0, scale, 1.0)  # padding rows (scale 0) have no image to map to
   boxes = boxes / scale[:, None, None]
   return boxes_lib.clip(boxes, orig_hw[:, 0:1], orig_hw[:, 1:2])
 
