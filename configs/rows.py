@@ -22,6 +22,7 @@ import re
 
 from configs import base
 from configs import shapes
+from retina_jax.data import buckets
 
 DATASETS = ('coco', 'shapes', 'sparse')
 # Depth in relative terms for the toy scale: the table's deeper network is the next
@@ -235,12 +236,16 @@ def sparse():
 
 
 def resize(c, min_size, max_size):
-  """Sets the image scale and the smallest square canvas (divisible by 128) that fits it.
+  """Sets the image scale, the size buckets for it and the smallest square canvas that fits it.
 
-  Square like configs/base.py's, so that portrait images keep the scale of landscape
-  ones instead of being shrunk to fit; 128 is the stride of the coarsest level (P7).
+  The buckets (used where data.use_buckets, as on COCO) are proposed for this scale:
+  base's are for 800 / 1333. The square canvas (data.use_buckets False, as on the toy
+  scales) keeps portrait images at the scale of landscape ones instead of shrinking
+  them; 128 is the stride of the coarsest level (P7).
   """
   c.data.min_size = int(min_size)
   c.data.max_size = int(max_size)
+  if c.data.use_buckets:
+    c.data.buckets = buckets.propose(c.data.min_size, c.data.max_size)
   side = -(-int(max_size) // 128) * 128
   c.data.canvas = (side, side)

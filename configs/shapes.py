@@ -21,16 +21,27 @@ experiments/bench_train.py).
 `configs/shapes.py:tiny` is the test-sized variant (ResNet-18 at width 8, 16-wide
 FPN and one-conv subnets, 32 training images, a few steps): it checks that the
 pipeline runs, not that it learns.
+
+The toy keeps one square canvas. `configs/shapes.py:buckets` (and `:tiny,buckets`)
+runs the COCO way instead: COCO-like image sizes and aspect ratios (the longer
+side 128 px for COCO's 640), resized to a shorter side of 128 px capped at 213
+(800 / 1333 scaled), padded to size buckets.
 """
 
 from configs import base
+from retina_jax.data import buckets
+
+_ARGS = ('tiny', 'buckets')
 
 
 def get_config(arg=None):
-  if arg not in (None, '', 'tiny'):
-    raise ValueError(f"configs/shapes.py: unknown argument {arg!r}; use nothing or 'tiny'")
+  parts = [p.strip() for p in (arg or '').split(',') if p.strip()]
+  if any(p not in _ARGS for p in parts):
+    raise ValueError(f"configs/shapes.py: unknown argument {arg!r}; use nothing, 'tiny', 'buckets' "
+                     "or 'tiny,buckets'")
   c = base.get_config()
   c.data.dataset = 'shapes'
+  c.data.use_buckets = False
   c.data.canvas = (128, 128)
   c.data.min_size = 128
   c.data.max_size = 128
@@ -68,9 +79,18 @@ def get_config(arg=None):
 
   c.eval.batch_size = 20
   c.eval.visualize = 8
-  if arg == 'tiny':
+  if 'tiny' in parts:
     _tiny(c)
+  if 'buckets' in parts:
+    _buckets(c)
   return c
+
+
+def _buckets(c):
+  c.data.shapes.varied_sizes = True
+  c.data.use_buckets = True
+  c.data.max_size = 213  # 128 * 1333 / 800
+  c.data.buckets = buckets.propose(c.data.min_size, c.data.max_size)
 
 
 def _tiny(c):

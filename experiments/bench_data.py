@@ -2,7 +2,10 @@
 
 Runs data.pipeline.train_iterator on the synthetic 'retina_shapes' set at two
 canvases: 640 x 640 (512 px images resized up to 640, about COCO's 480 -> 600
-ratio) and 1024 x 1024 (800 px images resized to 1024), with a random flip.
+ratio) and 1024 x 1024 (800 px images resized to 1024), with a random flip; then
+COCO-sized images (COCO-like sizes and aspect ratios, 640 px on the longer side)
+at 800/1333, on the square 1408 x 1408 canvas and on size buckets (one stream per
+bucket, each reading every record's JPEG header: what that costs shows here).
 The datasets are built first (into --data_dir, reused by later runs).
 
   python -m experiments.bench_data
@@ -29,6 +32,7 @@ def _config(canvas, image_size, batch, data_dir):
   c = base.get_config()
   c.data.dataset = 'shapes'
   c.data.data_dir = data_dir
+  c.data.use_buckets = False
   c.data.canvas = (canvas, canvas)
   c.data.min_size = canvas
   c.data.max_size = canvas
@@ -52,8 +56,15 @@ def main():
   parser.add_argument('--data_dir', default=os.path.join(tempfile.gettempdir(), 'retina_bench_tfds'))
   args = parser.parse_args()
   print(f'{os.cpu_count()} CPU cores; batch {args.batch}; {args.repeats} x {args.batches} batches', flush=True)
-  for canvas, image_size in _CASES:
-    config = _config(canvas, image_size, args.batch, args.data_dir)
+  cases = [(f'canvas {canvas} x {canvas} (images {image_size} px)', _config(canvas, image_size, args.batch,
+                                                                            args.data_dir))
+           for canvas, image_size in _CASES]
+  for buckets in (False, True):
+    c = _config(1408, 640, args.batch, args.data_dir)
+    c.data.min_size, c.data.max_size = 800, 1333
+    c.data.shapes.varied_sizes, c.data.use_buckets = True, buckets
+    cases.append((f'COCO-like 640 px images at 800/1333, {"buckets" if buckets else "square 1408"}', c))
+  for name, config in cases:
     start = time.perf_counter()
     it = pipeline.train_iterator(config)
     for _ in range(args.warmup):
@@ -65,7 +76,7 @@ def main():
       for _ in range(args.batches):
         next(it)
       rates.append(args.batch * args.batches / (time.perf_counter() - start))
-    print(f'canvas {canvas} x {canvas} (images {image_size} px): {statistics.median(rates):7.1f} img/s '
+    print(f'{name}: {statistics.median(rates):7.1f} img/s '
           f'median, {max(rates):7.1f} best  (build + warm-up {ready:.1f} s)', flush=True)
 
 

@@ -105,7 +105,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   import jax
-  from retina_jax import anchors as anchors_lib
+  from retina_jax import evaluate
   from retina_jax import matching
   from retina_jax import sharding
   from retina_jax.data import pipeline
@@ -114,11 +114,11 @@ def main(argv):
   config, workdir, images, out = FLAGS.config, FLAGS.workdir, FLAGS.images, FLAGS.out
   mesh = sharding.make_mesh()
   model, variables = run_table.load_variables(config, workdir, mesh)
-  anchors = jax.device_put(anchors_lib.from_config(config), sharding.replicated(mesh))
+  anchors = evaluate.device_anchors(config, mesh)  # one per canvas (size bucket)
   m = config.matching
 
   @jax.jit
-  def samples(variables, images, boxes, classes):
+  def samples(variables, images, boxes, classes, anchors):
     logits = model.apply(variables, images, train=False)['logits']
     t = matching.assign(anchors, boxes, classes, fg_iou=m.fg_iou, bg_iou=m.bg_iou,
                         low_quality=m.low_quality, weights=tuple(config.box_coder.weights))
@@ -129,7 +129,7 @@ def main(argv):
   for local in pipeline.eval_iterator(config):
     batch = sharding.global_batch({k: local[k] for k in ('image', 'boxes', 'classes')}, mesh)
     loss, positive, negative = jax.device_get(
-        samples(variables, batch['image'], batch['boxes'], batch['classes']))
+        samples(variables, batch['image'], batch['boxes'], batch['classes'], anchors[local['image'].shape[1:3]]))
     real = np.asarray(local['valid'])[:, None, None]  # the eval split's padding images are no samples
     for kind, mask in (('positive', positive & real), ('negative', negative & real)):
       for i in range(len(GAMMAS)):

@@ -124,9 +124,12 @@ def generate(canvas_hw, levels, sizes, scales_per_octave, ratios, offset, intege
   return np.concatenate(per_level, axis=0).astype(np.float32)
 
 
-def from_config(config):
-  """Anchors for config.data.canvas and config.anchors: [A, 4] float32."""
+def from_config(config, canvas_hw=None):
+  """Anchors for a canvas (default config.data.canvas) and config.anchors: [A, 4] float32.
+
+  Every canvas (each size bucket) gets its own; this is the one place that builds them.
+  """
   a = config.anchors
   return generate(
-      tuple(config.data.canvas), a.levels, a.sizes, a.scales_per_octave, a.ratios, a.offset,
+      tuple(canvas_hw or config.data.canvas), a.levels, a.sizes, a.scales_per_octave, a.ratios, a.offset,
       integer_sizes=bool(a.integer_sizes))

@@ -10,15 +10,15 @@ Every image takes the evaluation path: pipeline.prepare_image (the eval iterator
 resize, normalization and padding), evaluate.make_predict_fn (the jitted model and
 post-processing), evaluate.to_original_pixels; so the detections are the ones
 evaluation scores, and config.postprocess sets the score threshold and the maximum
-number per image. Images go through in batches of config.eval.batch_size, every
-batch on the config's canvas, so the function compiles once.
+number per image. Images go through in batches of config.eval.batch_size, each image
+on the canvas evaluation gives it (its size bucket, or the config's one canvas), so
+the function compiles once per canvas.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from retina_jax import anchors as anchors_lib
 from retina_jax import checkpoint
 from retina_jax import evaluate
 from retina_jax import sharding
@@ -29,7 +29,7 @@ from retina_jax.model import retinanet
 
 def abstract_variables(config, model, mesh):
   """The model's {'params', 'batch_stats'} as jax.ShapeDtypeStruct replicated on `mesh`; nothing computed."""
-  h, w = config.data.canvas
+  h, w = pipeline.canvases(config)[0]
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, h, w, 3)), train=False))
   variables = {'params': shapes['params'], 'batch_stats': shapes.get('batch_stats', {})}
   rep = sharding.replicated(mesh)
@@ -74,7 +74,7 @@ class Detector:
     self.class_names, self.category_ids = tuple(info.class_names), tuple(info.category_ids)
     rep = sharding.replicated(self.mesh)
     self.variables = jax.device_put(variables, rep)
-    self.anchors = jax.device_put(anchors_lib.from_config(config), rep)
+    self.anchors = evaluate.device_anchors(config, self.mesh)
     self.predict = evaluate.make_predict_fn(config, retinanet.build(config), self.mesh)
 
   @classmethod
@@ -110,9 +110,15 @@ class Detector:
       category_ids [N] int64 (COCO ids), class_names: list of N str.
     """
     prepared = [self._prepare(i, image) for i, image in enumerate(images)]
-    found = []
-    for start in range(0, len(prepared), self.batch_size):
-      found.extend(self._run(prepared[start:start + self.batch_size]))
+    by_canvas = {}  # canvas -> indices of its images, in input order
+    for i, p in enumerate(prepared):
+      by_canvas.setdefault(p['image'].shape[:2], []).append(i)
+    found = [None] * len(prepared)
+    for rows in by_canvas.values():
+      for start in range(0, len(rows), self.batch_size):
+        chunk = rows[start:start + self.batch_size]
+        for i, f in zip(chunk, self._run([prepared[i] for i in chunk])):
+          found[i] = f
     return found
 
   def _prepare(self, index, image):
@@ -125,7 +131,7 @@ class Detector:
             'orig_hw': np.asarray(image.shape[:2], np.float32)}
 
   def _run(self, batch):
-    """Detections of up to batch_size prepared images (the batch is padded to its fixed size)."""
+    """Detections of up to batch_size prepared images of one canvas (padded to a full batch)."""
     n, b = len(batch), self.batch_size
     images = np.zeros((b, *batch[0]['image'].shape), np.float32)
     # Padding rows keep image_hw 0 x 0: post-processing clips every box to nothing there.
@@ -133,7 +139,8 @@ class Detector:
     for r, p in enumerate(batch):
       images[r], image_hw[r] = p['image'], p['image_hw']
     inputs = sharding.global_batch({'image': images, 'image_hw': image_hw}, self.mesh)
-    dets = jax.device_get(self.predict(self.variables, inputs['image'], inputs['image_hw'], self.anchors))
+    anchors = self.anchors[batch[0]['image'].shape[:2]]
+    dets = jax.device_get(self.predict(self.variables, inputs['image'], inputs['image_hw'], anchors))
     scale = np.asarray([p['scale'] for p in batch], np.float32)
     orig_hw = np.stack([p['orig_hw'] for p in batch])
     boxes = evaluate.to_original_pixels(dets['boxes'][:n], scale, orig_hw)  # [n, D, 4]

@@ -37,20 +37,26 @@ from retina_jax.data import pipeline
 METRICS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')  # COCOeval.stats[0:6]
 
 
+def device_anchors(config, mesh):
+  """{(H, W): anchors [A, 4] replicated on mesh} for every canvas of the config (each bucket)."""
+  rep = sharding.replicated(mesh)
+  return {c: jax.device_put(anchors_lib.from_config(config, c), rep) for c in pipeline.canvases(config)}
+
+
 def make_predict_fn(config, model, mesh):
   """jit(images -> detections): variables replicated, batch split over 'data'.
 
   The returned function takes (variables, images [B, H, W, 3], image_hw [B, 2],
-  anchors [A, 4]) and returns postprocess.postprocess's dict (boxes [B, D, 4] in
-  canvas pixels, scores [B, D], classes [B, D] int32, valid [B, D] bool).
+  anchors [A, 4] of the images' canvas) and returns postprocess.postprocess's dict
+  (boxes [B, D, 4] in canvas pixels, scores [B, D], classes [B, D] int32, valid
+  [B, D] bool). It compiles once per canvas.
   """
   p = config.postprocess
-  counts = anchors_lib.level_counts(
-      tuple(config.data.canvas), tuple(config.anchors.levels),
-      anchors_lib.num_per_location(config.anchors))
   rep, split = sharding.replicated(mesh), sharding.batch_sharding(mesh)
 
   def predict(variables, images, image_hw, anchors):
+    counts = anchors_lib.level_counts(  # static: shapes are known when jit traces
+        images.shape[1:3], tuple(config.anchors.levels), anchors_lib.num_per_location(config.anchors))
     out = model.apply(variables, images, train=False)
     return postprocess.postprocess(
         out['logits'], out['deltas'], anchors, counts, image_hw, score_thresh=p.score_thresh,
@@ -70,6 +76,7 @@ def to_original_pixels(boxes, scale, orig_hw):
   Returns:
     [B, D, 4] original pixels (x1, y1, x2, y2).
   """
+  scale = np.where(scale > 0, scale, 1.0)  # padding rows (scale 0) have no image to map to
   boxes = boxes / scale[:, None, None]
   return boxes_lib.clip(boxes, orig_hw[:, 0:1], orig_hw[:, 1:2])
 
@@ -157,7 +164,7 @@ def evaluate(config, model, variables, mesh, step, workdir, predict=None, coco_g
   """
   coco_gt = coco_gt if coco_gt is not None else ground_truth(config)
   predict = predict or make_predict_fn(config, model, mesh)
-  anchors = jax.device_put(anchors_lib.from_config(config), sharding.replicated(mesh))
+  anchors = device_anchors(config, mesh)
   info = pipeline.dataset_info(config)
   rows, image_ids, shown = [], [], []
   it = pipeline.eval_iterator(config, process_index=jax.process_index(),
@@ -165,7 +172,7 @@ def evaluate(config, model, variables, mesh, step, workdir, predict=None, coco_g
   for local in it:
     local['image_id'] = _int32_ids(local['image_id'])
     batch = sharding.global_batch(local, mesh)
-    dets = predict(variables, batch['image'], batch['image_hw'], anchors)
+    dets = predict(variables, batch['image'], batch['image_hw'], anchors[local['image'].shape[1:3]])
     dets = multihost_utils.process_allgather(dets, tiled=True)
     meta = multihost_utils.process_allgather(
         {k: batch[k] for k in ('image_id', 'scale', 'orig_hw', 'valid')}, tiled=True)

@@ -141,6 +141,11 @@ def validate(config, num_devices=1, num_processes=1):
   lo, hi = flat['data.scale_jitter']
   if not 0 < lo <= hi:
     _fail('data.scale_jitter', flat['data.scale_jitter'], 'must be (lo, hi) with 0 < lo <= hi')
+  canvases = [canvas]
+  if flat['data.use_buckets']:
+    from retina_jax.data import buckets
+    buckets.check(flat['data.buckets'], flat['data.min_size'] * max(1.0, hi), flat['data.max_size'])
+    canvases = buckets.canonical(flat['data.buckets'])
   for key in ('data.mean', 'data.std'):
     if len(flat[key]) != 3:
       _fail(key, flat[key], 'must have 3 values (RGB)')
@@ -150,8 +155,9 @@ def validate(config, num_devices=1, num_processes=1):
   levels, sizes = tuple(flat['anchors.levels']), tuple(flat['anchors.sizes'])
   if not levels or list(levels) != sorted(set(levels)) or levels[0] < 1:
     _fail('anchors.levels', levels, 'must be increasing integers >= 1')
-  if 2 ** levels[-1] > min(canvas):
-    _fail('anchors.levels', levels, f'stride 2**{levels[-1]} exceeds the canvas {canvas}')
+  for c in canvases:
+    if 2 ** levels[-1] > min(c):
+      _fail('anchors.levels', levels, f'stride 2**{levels[-1]} exceeds the canvas {c}')
   if len(sizes) != len(levels) or min(sizes) <= 0:
     _fail('anchors.sizes', sizes, f'must be {len(levels)} positive sizes, one per level')
   if not flat['anchors.ratios'] or min(flat['anchors.ratios']) <= 0:

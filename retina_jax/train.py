@@ -19,6 +19,10 @@ loop raises Preempted so that the job ends with a non-zero status a scheduler ca
 Resuming: the data iterator is deterministic given config.seed and the process
 index; a resumed run rebuilds it and skips the `step` batches the checkpoint
 already consumed, so it sees exactly the batches of a run that never stopped.
+
+Size buckets (config.data.use_buckets): the step compiles once per bucket, with the
+bucket's anchors. Which bucket a step uses follows from the step number and the split's
+image sizes, which the processes exchange once at the start (one allgather), never per step.
 """
 
 import signal
@@ -35,7 +39,6 @@ import optax
 import tqdm
 from jax.experimental import multihost_utils
 
-from retina_jax import anchors as anchors_lib
 from retina_jax import checkpoint
 from retina_jax import errors
 from retina_jax import evaluate
@@ -68,8 +71,8 @@ class TrainState:
 
 
 def init_variables(config, model, rng):
-  """Model variables for the config's canvas, with pretrained weights when configured."""
-  h, w = config.data.canvas
+  """Model variables (the same for every canvas), with pretrained weights when configured."""
+  h, w = pipeline.canvases(config)[0]
   variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, h, w, 3), jnp.float32), train=False))(rng)
   variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
   if config.model.pretrained:
@@ -262,8 +265,14 @@ class _StopSignal:
 
 def _local_train_batches(config, start_step, stats):
   """This process's batches from step `start_step` on (the consumed ones skipped)."""
-  it = pipeline.train_iterator(
-      config, process_index=jax.process_index(), process_count=jax.process_count(), stats=stats)
+  index, count = jax.process_index(), jax.process_count()
+  histograms = None
+  if config.data.use_buckets:
+    # Each process counts the image sizes of its own slice; every process needs all of them.
+    own = pipeline.train_size_histogram(config, index, count)
+    histograms = multihost_utils.process_allgather(own.astype(np.int32)) if count > 1 else own[None]
+  it = pipeline.train_iterator(config, process_index=index, process_count=count, stats=stats,
+                               histograms=histograms)
   for _ in range(start_step):
     next(it)
   return it
@@ -283,7 +292,7 @@ def train_and_evaluate(config, workdir):
   coco_gt = evaluate.ground_truth(config) if config.mode == 'train_eval' else None
   mesh = sharding.make_mesh()
   model = retinanet.build(config)
-  anchors = jax.device_put(anchors_lib.from_config(config), sharding.replicated(mesh))
+  anchors = evaluate.device_anchors(config, mesh)  # one per canvas
   state, tx = create_train_state(config, model, mesh)
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
   restored = checkpoint.restore(manager, state, set_aside=True)
@@ -302,7 +311,7 @@ def train_and_evaluate(config, workdir):
     for step in range(start + 1, total + 1):
       local = next(batches)
       batch = sharding.global_batch({k: local[k] for k in ('image', 'boxes', 'classes')}, mesh)
-      state, metrics = step_fn(state, batch, anchors)
+      state, metrics = step_fn(state, batch, anchors[local['image'].shape[1:3]])
       # The previous step's metrics are read only now, with this step already queued
       # behind it, so the device does not wait for the host between steps.
       if pending is not None:

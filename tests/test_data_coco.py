@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking
 
 from configs import base
+from retina_jax.data import buckets
 from retina_jax.data import coco
 from retina_jax.data import pipeline
 from retina_jax.data import source
@@ -83,6 +84,7 @@ def _bad_examples():
 
 def _config(**data):
   c = base.get_config()
+  c.data.use_buckets = False  # one canvas here; tests/test_data_buckets.py covers buckets
   c.data.canvas = (128, 128)
   c.data.min_size = 64
   c.data.max_size = 128
@@ -148,7 +150,8 @@ def test_bad_data_is_dropped_and_counted():
   classes = np.concatenate([b['classes'] for b in batches])[valid]
   np.testing.assert_array_equal(classes, [[1, -1, -1], [-1, -1, -1], [0, 1, 2], [7, -1, -1]])
   assert stats.as_dict() == {'images': 4, 'skipped_images': 1, 'empty_images': 1,
-                             'degenerate_boxes': 2, 'crowd_boxes': 1, 'truncated_boxes': 2}
+                             'degenerate_boxes': 2, 'crowd_boxes': 1, 'truncated_boxes': 2,
+                             'image_pixel_fraction': 64 * 96 / 128**2}  # padding rows not counted
   # Boxes map back to the original image through `scale` (40 x 60 -> 64 x 96).
   first = batches[0]
   np.testing.assert_allclose(first['scale'][0], 1.6)
@@ -166,6 +169,25 @@ def test_training_skips_undecodable_images():
       next(it)
   # Skips are seen once a later image arrives: the first epoch's is counted for sure.
   assert stats.images == 8 and stats.skipped_images >= 1 and stats.empty_images == 2
+
+
+def test_bad_images_are_skipped_and_counted_with_buckets():
+  config = _config()
+  config.data.use_buckets = True
+  config.data.buckets = buckets.propose(config.data.min_size, config.data.max_size)
+  stats = pipeline.DataStats()
+  with tfds.testing.mock_data(as_dataset_fn=_as_dataset(_bad_examples)):
+    batches = list(pipeline.eval_iterator(config, stats=stats))
+    train_stats = pipeline.DataStats()
+    it = pipeline.train_iterator(config, stats=train_stats)
+    for _ in range(4):
+      next(it)
+  ids = np.concatenate([b['image_id'][b['valid']] for b in batches])
+  assert sorted(ids.tolist()) == [1, 2, 3, 5]  # the undecodable one is left out
+  assert stats.skipped_images == 1 and stats.images == 4
+  # 40 x 60 images at min_size 64: 64 x 96, on the 128 x 128 bucket.
+  assert {b['image'].shape[1:3] for b in batches} == {(128, 128)}
+  assert train_stats.skipped_images == 1 and train_stats.images == 8
 
 
 def test_ground_truth_from_mock_keeps_crowd():

@@ -22,6 +22,7 @@ def _config(data_dir, **data):
   c = base.get_config()
   c.data.dataset = 'shapes'
   c.data.data_dir = data_dir
+  c.data.use_buckets = False  # one canvas here; tests/test_data_buckets.py covers buckets
   c.data.canvas = (128, 128)
   c.data.min_size = 64
   c.data.max_size = 64
@@ -173,6 +174,6 @@ def test_scale_jitter_moves_the_shorter_side_only():
   ex = {'image': tf.zeros((100, 400, 3), tf.uint8), 'boxes': tf.constant([[0.0, 0.0, 400.0, 100.0]]),
         'classes': tf.constant([1], tf.int32), 'is_crowd': tf.constant([False]),
         'area': tf.constant([40000.0]), 'image_id': tf.constant(7, tf.int64)}
-  out = pipeline._prepare(ex, data, rand=tf.constant([0.9, 0.3]))
+  out = pipeline._prepare(ex, data, data['canvas'], rand=tf.constant([0.9, 0.3]))
   np.testing.assert_allclose(float(out['scale']), 0.5)
   np.testing.assert_allclose(out['boxes'].numpy()[0], [0.0, 0.0, 200.0, 50.0], atol=1e-4)

@@ -8,7 +8,8 @@ import tensorflow_datasets as tfds
 
 from retina_jax.data import shapes
 
-_SETTINGS = dict(image_size=64, num_train=8, num_val=6, max_objects=8, min_object_size=6, seed=3)
+_SETTINGS = dict(image_size=64, num_train=8, num_val=6, max_objects=8, min_object_size=6, seed=3,
+                 varied_sizes=False)
 
 
 @pytest.fixture(scope='module')

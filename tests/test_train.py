@@ -27,6 +27,19 @@ def config(tmp_path_factory):
   return c
 
 
+@pytest.fixture(scope='module')
+def bucket_config(config):
+  """The same run on size buckets: COCO-like image sizes, each batch on one of three canvases."""
+  c = config.copy_and_resolve_references()
+  c.data.shapes.varied_sizes = True
+  c.data.use_buckets = True
+  # 4:3 images (96 x 128 at min_size 96) fit 128 x 128, which the square runs compiled already;
+  # 3:2 ones (96 x 144) need 128 x 256, portrait 3:2 ones 256 x 128.
+  c.data.min_size, c.data.max_size = 96, 160
+  c.data.buckets = ((128, 128), (128, 256), (256, 128))
+  return c
+
+
 def _patch_iterator(monkeypatch, on_batch):
   """Wraps the real iterator; on_batch(i, batch) runs as batch i (1-based) is handed out."""
   real = pipeline.train_iterator
@@ -81,6 +94,43 @@ def test_sigterm_then_resume_equals_uninterrupted_run(config, tmp_path, monkeypa
   with open(os.path.join(parts, 'metrics.jsonl')) as f:
     steps = [json.loads(line)['step'] for line in f]
   assert steps == [1, 2, 3, 4]  # the failed step 3 wrote nothing
+
+
+@pytest.mark.slow
+def test_a_bucketed_run_changes_bucket_and_resumes_exactly(bucket_config, tmp_path, monkeypatch):
+  full, parts = str(tmp_path / 'full'), str(tmp_path / 'parts')
+  canvases = []
+
+  def record(i, batch):
+    canvases.append(batch['image'].shape[1:3])
+    return batch
+
+  with monkeypatch.context() as m:
+    _patch_iterator(m, record)
+    train.train_and_evaluate(bucket_config, full)
+  # The schedule of this config and data: 3 steps on 128 x 128, then one on 128 x 256.
+  assert len(canvases) == 4 and canvases[2] != canvases[3], canvases
+
+  def sigterm_at_3(i, batch):
+    if i == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return batch
+
+  with monkeypatch.context() as m:
+    _patch_iterator(m, sigterm_at_3)
+    with pytest.raises(train.Preempted):
+      train.train_and_evaluate(bucket_config, parts)
+  train.train_and_evaluate(bucket_config, parts)  # resumes from 3: step 4 on the next bucket
+  step_full, a = checkpoint.restore_on_one_device(full)
+  step_parts, b = checkpoint.restore_on_one_device(parts)
+  assert step_full == step_parts == 4
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  with open(os.path.join(parts, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  # The padding cost is logged from the first line on: 96 x 128 of 128 x 128, 96 x 144 of 128 x 256, ...
+  assert [r['step'] for r in rows] == [1, 2, 3, 4]
+  assert all(0.4 < r['data/image_pixel_fraction'] < 1.0 for r in rows)
 
 
 def test_resume_drops_metrics_written_after_the_checkpoint(config, tmp_path):

@@ -54,25 +54,47 @@ def flip_left_right(image, boxes):
   return tf.reverse(image, axis=[1]), boxes
 
 
-def resize_scale(height, width, min_size, max_size, canvas_hw):
-  """The resize factor: shorter side to min_size, longer side at most max_size.
-
-  When the result would not fit the canvas (e.g. a portrait image on a
-  landscape canvas, or scale jitter above 1), the factor shrinks until the
-  image fits: every image is used, never cropped, at a slightly smaller scale.
+def paper_scale(height, width, min_size, max_size):
+  """The paper's resize factor: shorter side to min_size, longer side at most max_size.
 
   Args:
     height, width: image size in pixels (scalars).
     min_size, max_size: target shorter side and cap on the longer side (scalars,
-      already multiplied by any scale jitter).
+      min_size already multiplied by any scale jitter).
+  Returns:
+    float32 scalar: resized pixels per original pixel.
+  """
+  h = tf.cast(height, tf.float32)
+  w = tf.cast(width, tf.float32)
+  return tf.minimum(tf.cast(min_size, tf.float32) / tf.minimum(h, w),
+                    tf.cast(max_size, tf.float32) / tf.maximum(h, w))
+
+
+def resized_hw(hw, scale):
+  """[2] int32 (height, width) of an image of size hw [2] resized by `scale`, in whole pixels.
+
+  buckets.resized_hw computes the same in numpy (float32, rounding half to even).
+  """
+  return tf.cast(tf.round(tf.cast(hw, tf.float32) * scale), tf.int32)
+
+
+def resize_scale(height, width, min_size, max_size, canvas_hw):
+  """The resize factor: paper_scale, shrunk further when the image would not fit the canvas.
+
+  With one square canvas that happens to no image at scale jitter 1; with a canvas
+  too small for an image (a portrait image on a landscape canvas, jitter above 1) the
+  image is used at a slightly smaller scale, never cropped.
+
+  Args:
+    height, width: image size in pixels (scalars).
+    min_size, max_size: as in paper_scale.
     canvas_hw: (H, W) of the padded canvas.
   Returns:
     float32 scalar: canvas pixels per original pixel.
   """
   h = tf.cast(height, tf.float32)
   w = tf.cast(width, tf.float32)
-  scale = tf.minimum(tf.cast(min_size, tf.float32) / tf.minimum(h, w),
-                     tf.cast(max_size, tf.float32) / tf.maximum(h, w))
+  scale = paper_scale(height, width, min_size, max_size)
   return tf.minimum(scale, tf.minimum(canvas_hw[0] / h, canvas_hw[1] / w))
 
 
@@ -91,8 +113,7 @@ def resize(image, boxes, scale, canvas_hw):
     image [h', w', 3] float32, boxes [N, 4] float32, hw [2] int32 = (h', w').
   """
   hw = tf.shape(image)[:2]
-  new_hw = tf.cast(tf.round(tf.cast(hw, tf.float32) * scale), tf.int32)
-  new_hw = tf.clip_by_value(new_hw, 1, tf.constant(canvas_hw, tf.int32))
+  new_hw = tf.clip_by_value(resized_hw(hw, scale), 1, tf.constant(canvas_hw, tf.int32))
   image = tf.image.resize(image, new_hw, method='bilinear')
   factor = tf.cast(new_hw, tf.float32) / tf.cast(hw, tf.float32)  # (sy, sx)
   boxes = boxes * tf.stack([factor[1], factor[0], factor[1], factor[0]])

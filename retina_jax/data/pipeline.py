@@ -10,19 +10,29 @@ same code; config.data.dataset only picks the tfds builder. Per example:
      further when needed so the image fits the canvas (never cropped)
   -> normalize (x - mean) / std -> pad image to the canvas, boxes to M.
 
+Canvases: with data.use_buckets (COCO's default) each image goes to the smallest
+of data.buckets that holds it at the paper's scale (data/buckets.py), read from
+its JPEG header before decoding; otherwise every image is padded to data.canvas.
+Training reads one shuffled, repeated stream per bucket, and the bucket of each
+batch is buckets.schedule(step): all processes pick the same bucket at every
+step without communicating. Evaluation goes bucket by bucket, each with its own
+padded batches (image ids map results back).
+
 Multi-host: each process reads its own slice (tfds.even_splits), so slices
 are disjoint and cover the split. Everything random is seeded by config.seed,
-the process index and the example's position in the stream: the same config
-gives the same batches.
+the process index, the bucket and the example's position in its stream: the
+same config gives the same batches.
 
 Data statistics: pass a `DataStats` to `train_iterator` / `eval_iterator`;
 the iterator adds to it as it yields batches (images delivered, images skipped
 as undecodable, images without boxes, boxes dropped as degenerate or crowd,
-boxes cut beyond max_boxes). The training loop logs `stats.as_dict()`.
+boxes cut beyond max_boxes, the fraction of canvas pixels that are image
+pixels). The training loop logs `stats.as_dict()`.
 """
 
 import collections
 import dataclasses
+import itertools
 import math
 
 from absl import logging
@@ -32,8 +42,10 @@ import tensorflow_datasets as tfds
 
 from retina_jax import errors
 from retina_jax.data import augment
+from retina_jax.data import buckets as buckets_lib
 from retina_jax.data import coco
 from retina_jax.data import shapes
+from retina_jax.data import sizes
 from retina_jax.data import source
 
 # JAX owns the accelerators; tf only reads data on the host.
@@ -57,13 +69,21 @@ class DataStats:
   degenerate_boxes: int = 0  # zero or negative size after clipping to the image
   crowd_boxes: int = 0  # is_crowd boxes left out of the targets
   truncated_boxes: int = 0  # boxes beyond data.max_boxes
+  image_pixels: int = 0  # the images' areas on their canvases
+  canvas_pixels: int = 0  # the canvases' areas: what the model computes on
 
   def as_dict(self):
-    return dataclasses.asdict(self)
+    """The counts, and image_pixel_fraction (image / canvas pixels) in place of the pixel sums."""
+    out = dataclasses.asdict(self)
+    image, canvas = out.pop('image_pixels'), out.pop('canvas_pixels')
+    out['image_pixel_fraction'] = image / canvas if canvas else 0.0
+    return out
 
   def add(self, batch, valid):
     """Adds a batch's per-example counts; valid [b] bool marks real examples."""
     self.images += int(valid.sum())
+    self.image_pixels += int(np.prod(np.round(batch['image_hw'][valid]), axis=1).sum())
+    self.canvas_pixels += int(valid.sum()) * batch['image'].shape[1] * batch['image'].shape[2]
     self.empty_images += int((valid & np.all(batch['classes'] < 0, axis=1)).sum())
     self.degenerate_boxes += int(batch['num_degenerate'][valid].sum())
     self.crowd_boxes += int(batch['num_crowd'][valid].sum())
@@ -91,6 +111,8 @@ def _check_config(config, batch_size, batch_key, process_index, process_count):
   lo, hi = d.scale_jitter
   if not 0 < lo <= hi:
     raise errors.BadValue(f'config.data.scale_jitter must be (lo, hi) with 0 < lo <= hi, got {d.scale_jitter}')
+  if d.use_buckets:  # evaluation is at jitter 1, training up to hi
+    buckets_lib.check(d.buckets, d.min_size * max(1.0, hi), d.max_size)
   if len(d.mean) != 3 or len(d.std) != 3 or min(d.std) <= 0:
     raise errors.BadValue(f'config.data.mean / std must be 3 values with std > 0, got {d.mean} / {d.std}')
   if d.max_boxes < 1:
@@ -115,12 +137,13 @@ def _decode(ds, index=False):
   return ds.ignore_errors(log_warning=True)
 
 
-def _prepare(ex, data, rand=None):
+def _prepare(ex, data, canvas, rand=None):
   """A decoded example -> fixed-shape model input plus per-example counts.
 
   Args:
     ex: coco.decode's dict.
     data: dict of the config.data values used (plain Python values).
+    canvas: (H, W) to pad to.
     rand: [2] uniform numbers (flip, jitter) for training; None for evaluation.
   Returns:
     dict: image [H, W, 3] float32, boxes [M, 4] float32 canvas pixels, classes
@@ -141,7 +164,7 @@ def _prepare(ex, data, rand=None):
     jitter = lo + (hi - lo) * rand[1]
   # Jitter moves the shorter side only; the longer-side cap stays (Detectron's multi-scale training).
   image, boxes, scale, new_hw = augment.to_canvas(
-      image, boxes, data['min_size'] * jitter, data['max_size'], data['canvas'], data['mean'], data['std'])
+      image, boxes, data['min_size'] * jitter, data['max_size'], canvas, data['mean'], data['std'])
   boxes, classes, truncated = augment.pad_boxes(boxes, classes, data['max_boxes'])
   return {
       'image': image, 'boxes': boxes, 'classes': classes, 'image_id': ex['image_id'],
@@ -151,20 +174,46 @@ def _prepare(ex, data, rand=None):
   }
 
 
+def train_size_histogram(config, process_index=0, process_count=1):
+  """Cell histogram of this process's slice of the train split, at the largest training scale.
+
+  Every process's histogram together (train.py gathers them once at the start) fixes
+  the training buckets, their schedule and each bucket stream's epoch.
+
+  Returns:
+    [n, n] int64, see sizes.histogram.
+  """
+  d = _data_values(config)
+  split = tfds.split_for_jax_process(config.data.train_split, process_index=process_index,
+                                     process_count=process_count)
+  return sizes.histogram(source.tfds_builder(config), split, d['min_size'] * d['scale_jitter'][1], d['max_size'])
+
+
 def prepare_image(image, config):
   """One decoded image as evaluation feeds it to the model (_prepare without boxes or jitter).
 
   Args:
     image: [h, w, 3] uint8, any size and aspect ratio.
-    config: the run config (reads data.canvas, min_size, max_size, mean, std).
+    config: the run config (reads data.canvas or data.buckets, min_size, max_size, mean, std).
   Returns:
-    image [H, W, 3] float32 normalized on the canvas, scale float32 (canvas px =
-    original px * scale), image_hw [2] float32 (the image's area on the canvas).
+    image [H, W, 3] float32 normalized on its canvas (the bucket evaluation puts it in),
+    scale float32 (canvas px = original px * scale), image_hw [2] float32 (the image's
+    area on the canvas).
   """
   d = _data_values(config)
+  canvas = d['canvas']
+  if d['use_buckets']:
+    canvas = d['buckets'][int(sizes.bucket_index(tf.shape(image)[:2], d['min_size'], d['max_size'], d['buckets']))]
   image, _, scale, hw = augment.to_canvas(
-      image, tf.zeros((0, 4), tf.float32), d['min_size'], d['max_size'], d['canvas'], d['mean'], d['std'])
+      image, tf.zeros((0, 4), tf.float32), d['min_size'], d['max_size'], canvas, d['mean'], d['std'])
   return image, scale, tf.cast(hw, tf.float32)
+
+
+def canvases(config):
+  """Every canvas the config pads images to: its buckets (smallest first) or (data.canvas,)."""
+  if config.data.use_buckets:
+    return buckets_lib.canonical(config.data.buckets)
+  return (tuple(int(s) for s in config.data.canvas),)
 
 
 def _data_values(config):
@@ -173,10 +222,12 @@ def _data_values(config):
       'canvas': tuple(int(s) for s in d.canvas), 'min_size': float(d.min_size),
       'max_size': float(d.max_size), 'scale_jitter': tuple(float(s) for s in d.scale_jitter),
       'flip': bool(d.flip), 'mean': tuple(d.mean), 'std': tuple(d.std), 'max_boxes': int(d.max_boxes),
+      'use_buckets': bool(d.use_buckets),
+      'buckets': buckets_lib.canonical(d.buckets) if d.use_buckets else None,
   }
 
 
-def train_iterator(config, *, process_index=0, process_count=1, stats=None):
+def train_iterator(config, *, process_index=0, process_count=1, stats=None, histograms=None):
   """Infinite, shuffled training batches of this process.
 
   Args:
@@ -184,34 +235,75 @@ def train_iterator(config, *, process_index=0, process_count=1, stats=None):
     process_index, process_count: this process and the number of processes;
       each reads a disjoint slice of data.train_split.
     stats: optional DataStats, updated as batches are yielded.
+    histograms: [process_count, n, n] train_size_histogram of every process (with
+      buckets); None reads every process's slice here.
   Yields:
     dict of numpy arrays, b = train.batch_size // process_count:
     image [b, H, W, 3] float32 normalized, boxes [b, M, 4] float32 canvas
-    pixels (x1, y1, x2, y2), classes [b, M] int32 (-1 padding).
+    pixels (x1, y1, x2, y2), classes [b, M] int32 (-1 padding). With buckets,
+    (H, W) is the bucket of the step: the same on every process.
   """
   _check_config(config, config.train.batch_size, 'config.train.batch_size', process_index, process_count)
   batch = config.train.batch_size // process_count
   data = _data_values(config)
+  builder = source.tfds_builder(config)
   split = tfds.split_for_jax_process(config.data.train_split, process_index=process_index,
                                      process_count=process_count)
   seed = int(config.seed) * 65537 + process_index  # distinct random streams per process
-  ds = source.read(source.tfds_builder(config), split, shuffle_seed=seed, key='config.data.train_split')
+  stats = stats if stats is not None else DataStats()
+  key, name = 'config.data.train_split', config.data.train_split
+  ds = source.read(builder, split, shuffle_seed=seed, key=key)
   epoch = int(ds.cardinality())
   if epoch <= 0:  # 0: empty slice; negative: tfds could not tell its size
-    raise errors.BadValue(f'{config.data.dataset} split {config.data.train_split!r} gives process '
+    raise errors.BadValue(f'{config.data.dataset} split {name!r} gives process '
                      f'{process_index} of {process_count} no examples (or an unknown number)')
-  ds = ds.shuffle(config.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+  if not data['use_buckets']:
+    return _train_batches(_train_stream(ds, data, data['canvas'], seed, config.data.shuffle_buffer, batch),
+                          epoch, stats, name)
+
+  if histograms is None:
+    histograms = np.stack([train_size_histogram(config, i, process_count) for i in range(process_count)])
+  canvases = buckets_lib.training_buckets(histograms, data['buckets'], batch)
+  counts = buckets_lib.counts(histograms, canvases)  # [P, K]
+  own = counts[process_index]
+  if epoch > own.sum():
+    logging.warning('data: skipped %d image(s) of %s whose header does not read', epoch - own.sum(), name)
+    stats.skipped_images += int(epoch - own.sum())
+  streams = {}
+  for k in np.flatnonzero(counts.sum(0)):
+    # A slice with too few images of a bucket (rare sizes, many processes) reads that bucket's
+    # images from the whole split: a few images seen a little more often, never a missing batch.
+    whole = own[k] < batch
+    epoch_k = int(counts[:, k].sum() if whole else own[k])
+    stream_seed = seed * 1009 + int(k) + 1  # distinct per bucket, and from the square canvas's
+    ds = source.read(builder, config.data.train_split if whole else split, shuffle_seed=stream_seed, key=key)
+    ds = sizes.in_bucket(ds, int(k), data['min_size'] * data['scale_jitter'][1], data['max_size'], canvases)
+    # Each stream's buffer gets its share, so memory and the shuffle's reach match one stream's.
+    buffer = max(batch, math.ceil(config.data.shuffle_buffer * epoch_k / own.sum()))
+    streams[int(k)] = _train_batches(_train_stream(ds, data, canvases[k], stream_seed, buffer, batch),
+                                     epoch_k, stats, name)
+  return _scheduled(streams, counts.sum(0), int(config.seed))
+
+
+def _train_stream(ds, data, canvas, seed, buffer, batch):
+  """Encoded examples -> shuffled, repeated, prepared batches on `canvas` (a tf.data.Dataset)."""
+  ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
   # The position in the epoch survives decoding; its gaps are the skipped images.
   ds = _decode(ds, index=True).repeat().enumerate()
 
   def prepare(step, item):
     position, ex = item
     rand = tf.random.stateless_uniform([2], seed=tf.stack([tf.constant(seed, tf.int64), step]))
-    return {**_prepare(ex, data, rand), 'position': position}
+    return {**_prepare(ex, data, canvas, rand), 'position': position}
 
   ds = ds.map(prepare, tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(source.options())
-  return _train_batches(ds, epoch, stats if stats is not None else DataStats(), config.data.train_split)
+  return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(source.options())
+
+
+def _scheduled(streams, counts, seed):
+  """Batch i from the stream of bucket buckets.schedule(i): a function of the step alone."""
+  for i in itertools.count():
+    yield next(streams[int(buckets_lib.schedule(i, counts, seed))])
 
 
 def _train_batches(ds, epoch, stats, split):
@@ -233,9 +325,10 @@ def _train_batches(ds, epoch, stats, split):
 def eval_iterator(config, *, process_index=0, process_count=1, stats=None):
   """One pass over this process's slice of the eval split, in fixed-size batches.
 
-  Every process yields the same number of batches (what the largest slice
-  needs); rows past the end of a slice are padding with valid False, image_id
-  -1 and classes -1.
+  Every process yields the same number of batches on the same canvases in the same
+  order (per bucket, what the largest slice needs; every process reads every slice's
+  image headers to count them); rows past the end of a slice are padding with valid
+  False, image_id -1 and classes -1.
 
   Args:
     config: the run config (reads data.*, eval.batch_size, model.num_classes).
@@ -254,21 +347,34 @@ def eval_iterator(config, *, process_index=0, process_count=1, stats=None):
   builder = source.tfds_builder(config)
   split = source.eval_split(config)
   total = int(source.read(builder, split, key='config.data.eval_split').cardinality())
-  num_batches = math.ceil(math.ceil(total / process_count) / batch)
-  ds = source.read(builder, tfds.even_splits(split, process_count)[process_index])
-  own = int(ds.cardinality())
-  ds = _decode(ds).map(lambda ex: _prepare(ex, data), tf.data.AUTOTUNE, deterministic=True)
-  padding = {k: tf.zeros(s.shape, s.dtype) for k, s in ds.element_spec.items()}
-  padding.update(classes=-tf.ones_like(padding['classes']), image_id=tf.constant(-1, tf.int64),
-                 valid=tf.constant(False))
-  ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat()).take(num_batches * batch)
-  ds = ds.batch(batch).prefetch(tf.data.AUTOTUNE).with_options(source.options())
-  return _eval_batches(ds, own, stats if stats is not None else DataStats(), split)
+  slices = tfds.even_splits(split, process_count)
+  own = int(source.read(builder, slices[process_index]).cardinality())
+  if data['use_buckets']:
+    hist = np.stack([sizes.histogram(builder, s, data['min_size'], data['max_size']) for s in slices])
+    counts = buckets_lib.counts(hist, data['buckets'])  # [P, K]
+    parts = [(k, c, math.ceil(counts[:, k].max() / batch)) for k, c in enumerate(data['buckets'])
+             if counts[:, k].any()]
+  else:
+    parts = [(None, data['canvas'], math.ceil(math.ceil(total / process_count) / batch))]
+
+  def batches():
+    for k, canvas, num_batches in parts:
+      ds = source.read(builder, slices[process_index])
+      if k is not None:
+        ds = sizes.in_bucket(ds, k, data['min_size'], data['max_size'], data['buckets'])
+      ds = _decode(ds).map(lambda ex, c=canvas: _prepare(ex, data, c), tf.data.AUTOTUNE, deterministic=True)
+      padding = {k: tf.zeros(s.shape, s.dtype) for k, s in ds.element_spec.items()}
+      padding.update(classes=-tf.ones_like(padding['classes']), image_id=tf.constant(-1, tf.int64),
+                     valid=tf.constant(False))
+      ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat()).take(num_batches * batch)
+      yield from ds.batch(batch).prefetch(tf.data.AUTOTUNE).with_options(source.options()).as_numpy_iterator()
+
+  return _eval_batches(batches(), own, stats if stats is not None else DataStats(), split)
 
 
-def _eval_batches(ds, own, stats, split):
+def _eval_batches(batches, own, stats, split):
   seen = 0
-  for batch in ds.as_numpy_iterator():
+  for batch in batches:
     stats.add(batch, batch['valid'])
     seen += int(batch['valid'].sum())
     yield {k: v for k, v in batch.items() if k not in _STAT_KEYS}

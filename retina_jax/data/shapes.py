@@ -19,6 +19,10 @@ What makes it a detection problem rather than a toy:
   * a few crowd regions (a grid of tiny shapes under one is_crowd box) in
     the validation split, so the evaluation path for crowds is exercised.
 
+With config.data.shapes.varied_sizes the images take COCO-like sizes and aspect ratios
+(`varied_sizes` below: drawn square, then resized), so that runs and tests exercise
+several size buckets.
+
 Knobs beyond config.data.shapes are the module constants below (base config is
 locked). Images are JPEG like COCO's, at quality 95 without chroma
 subsampling so edges stay crisp (PNG of noisy textures is 5x larger and slower).
@@ -29,6 +33,8 @@ import io
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
+
+from retina_jax.data import buckets
 
 CLASS_NAMES = ('rectangle', 'ellipse', 'triangle', 'cross', 'ring', 'diamond')
 
@@ -212,12 +218,35 @@ def draw_image(rng, size, max_objects, min_object_size, crowd):
           np.asarray(crowds, bool), np.asarray(areas, np.int64))
 
 
+def varied_sizes(rng, image, boxes, areas, size):
+  """A square drawn image resized to a COCO-like size (buckets.COCO_LIKE_SIZES, 640 px -> size).
+
+  Resizing keeps every box exact and tight (it scales with its pixels); shapes get
+  stretched by at most 16:9, less than their own random aspect ratios (_MAX_ASPECT).
+
+  Args:
+    rng: np.random.Generator, for the size only.
+    image: [size, size, 3] uint8 from draw_image; boxes [N, 4] and areas [N] its annotations.
+    size: the square's side, the longer side of a 640 px COCO image.
+  Returns:
+    image [h, w, 3] uint8, boxes [N, 4] float32 pixels of it, areas [N] int64.
+  """
+  table = np.asarray(buckets.COCO_LIKE_SIZES)
+  h0, w0, _ = table[rng.choice(len(table), p=table[:, 2] / table[:, 2].sum())]
+  h, w = max(int(round(h0 * size / 640)), 1), max(int(round(w0 * size / 640)), 1)
+  resized = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+  scale = np.asarray([w / size, h / size, w / size, h / size], np.float32)
+  return resized, boxes * scale, np.round(areas * (h * w) / size**2).astype(np.int64)
+
+
 class RetinaShapesConfig(tfds.core.BuilderConfig):
   """Dataset settings; the name encodes them so different settings never share files."""
 
-  def __init__(self, *, image_size, num_train, num_val, max_objects, min_object_size, seed):
+  def __init__(self, *, image_size, num_train, num_val, max_objects, min_object_size, seed,
+               varied_sizes=False):
     super().__init__(
-        name=f'{image_size}px_{num_train}tr_{num_val}va_{max_objects}obj_{min_object_size}min_seed{seed}',
+        name=f'{image_size}px_{num_train}tr_{num_val}va_{max_objects}obj_{min_object_size}min_seed{seed}'
+        + ('_varied' if varied_sizes else ''),
         version=tfds.core.Version('1.0.0'),
         description='Synthetic shapes with coco/2017 features.')
     if image_size < 4 * min_object_size or min_object_size < 2:
@@ -230,6 +259,7 @@ class RetinaShapesConfig(tfds.core.BuilderConfig):
     self.max_objects = max_objects
     self.min_object_size = min_object_size
     self.seed = seed
+    self.varied_sizes = varied_sizes
 
 
 class RetinaShapes(tfds.core.GeneratorBasedBuilder):
@@ -267,6 +297,9 @@ class RetinaShapes(tfds.core.GeneratorBasedBuilder):
       rng = np.random.default_rng((c.seed, _SPLIT_CODES[split], index))
       image, boxes, labels, crowds, areas = draw_image(
           rng, size, c.max_objects, c.min_object_size, crowd=split == 'validation')
+      if c.varied_sizes:  # a generator of its own: the drawing stays that of the square set
+        image, boxes, areas = varied_sizes(
+            np.random.default_rng((c.seed, _SPLIT_CODES[split], index, 1)), image, boxes, areas, size)
       image_id = index + 1
       encoded = io.BytesIO()
       Image.fromarray(image).save(encoded, format='JPEG', quality=95, subsampling=0)
@@ -277,7 +310,8 @@ class RetinaShapes(tfds.core.GeneratorBasedBuilder):
           'objects': {
               'id': image_id * 1000 + np.arange(len(labels), dtype=np.int64),
               'area': areas,
-              'bbox': boxes[:, [1, 0, 3, 2]] / np.float32(size),  # tfds normalized (ymin, xmin, ymax, xmax)
+              # tfds normalized (ymin, xmin, ymax, xmax)
+              'bbox': boxes[:, [1, 0, 3, 2]] / np.asarray(image.shape[:2] * 2, np.float32),
               'label': labels,
               'is_crowd': crowds,
           },
@@ -289,7 +323,7 @@ def builder(shapes_config, data_dir=None):
 
   Args:
     shapes_config: config.data.shapes (image_size, num_train, num_val,
-      max_objects, min_object_size, seed).
+      max_objects, min_object_size, seed, varied_sizes).
     data_dir: tfds data_dir; None is tfds's default.
   Returns:
     A prepared RetinaShapes builder (tfrecord files).
@@ -297,7 +331,8 @@ def builder(shapes_config, data_dir=None):
   config = RetinaShapesConfig(
       image_size=int(shapes_config.image_size), num_train=int(shapes_config.num_train),
       num_val=int(shapes_config.num_val), max_objects=int(shapes_config.max_objects),
-      min_object_size=int(shapes_config.min_object_size), seed=int(shapes_config.seed))
+      min_object_size=int(shapes_config.min_object_size), seed=int(shapes_config.seed),
+      varied_sizes=bool(shapes_config.varied_sizes))
   b = RetinaShapes(config=config, data_dir=data_dir, file_format='tfrecord')
   if b.is_prepared():
     return b
