@@ -70,27 +70,13 @@ class TrainState:
   normalizer: jax.Array
 
 
-def init_variables(config, model, rng):
-  """Model variables (the same for every canvas), with pretrained weights when configured."""
-  h, w = pipeline.canvases(config)[0]
-  variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, h, w, 3), jnp.float32), train=False))(rng)
-  variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
-  if config.model.pretrained:
-    from retina_jax.model import torchvision_weights
-    if config.model.pretrained_kind == 'backbone':
-      variables = torchvision_weights.load_torchvision_backbone(config.model.pretrained, variables, config)
-    else:
-      variables = torchvision_weights.load_torchvision_retinanet(config.model.pretrained, variables, config)
-  return variables
-
-
 def create_train_state(config, model, mesh):
   """A fresh state (step 0) replicated over the mesh, and the optimizer.
 
   Returns:
     (TrainState, optax.GradientTransformation).
   """
-  variables = init_variables(config, model, jax.random.key(config.seed))
+  variables = retinanet.init_variables(config, model, jax.random.key(config.seed))
   tx = optim.make_optimizer(config, retinanet.trainable_mask(variables['params'], config))
   state = TrainState(
       step=jnp.zeros((), jnp.int32),
