@@ -16,7 +16,6 @@ the function compiles once per canvas.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from retina_jax import checkpoint
@@ -25,15 +24,6 @@ from retina_jax import sharding
 from retina_jax.data import coco
 from retina_jax.data import pipeline
 from retina_jax.model import retinanet
-
-
-def abstract_variables(config, model, mesh):
-  """The model's {'params', 'batch_stats'} as jax.ShapeDtypeStruct replicated on `mesh`; nothing computed."""
-  h, w = pipeline.canvases(config)[0]
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, h, w, 3)), train=False))
-  variables = {'params': shapes['params'], 'batch_stats': shapes.get('batch_stats', {})}
-  rep = sharding.replicated(mesh)
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), variables)
 
 
 class Detector:
@@ -79,9 +69,9 @@ class Detector:
 
   @classmethod
   def from_workdir(cls, config, workdir, step=None):
-    """The model of checkpoint `step` (None or -1: the latest) of `workdir`; reads params and batch_stats only."""
+    """The model of checkpoint `step` (None or -1: the newest usable) of `workdir`; reads params and batch_stats only."""
     mesh = sharding.make_mesh(jax.local_devices())
-    target = abstract_variables(config, retinanet.build(config), mesh)
+    target = retinanet.abstract_variables(retinanet.build(config), sharding.replicated(mesh))
     step, variables = checkpoint.restore_variables(workdir, target, step)
     return cls(config, variables, mesh=mesh, step=step)
 
@@ -96,7 +86,7 @@ class Detector:
       raise ValueError(f'config.model.pretrained_kind={m.pretrained_kind!r}: an ImageNet backbone has no '
                        "trained detection heads; a whole torchvision RetinaNet needs 'retinanet'")
     mesh = sharding.make_mesh(jax.local_devices())
-    target = abstract_variables(config, retinanet.build(config), mesh)
+    target = retinanet.abstract_variables(retinanet.build(config), sharding.replicated(mesh))
     return cls(config, torchvision_weights.load_torchvision_retinanet(m.pretrained, target, config), mesh=mesh)
 
   def __call__(self, images):

@@ -1,5 +1,7 @@
 """Detections -> COCO rows (scale, clipping, category ids) and COCO metrics edge cases."""
 
+import os
+
 import numpy as np
 import pytest
 from pycocotools import coco as coco_api
@@ -118,3 +120,35 @@ def test_single_picture_has_the_image_aspect(tmp_path):
   visualize.save_image(path, image, np.array([[10, 5, 120, 45.0]]), np.array([0.8]), np.array([0]), ['a'])
   with Image.open(path) as im:
     assert im.size == (640, 80)  # long side enlarged to 640 px, aspect kept
+
+
+def test_without_a_checkpoint_the_pretrained_weights_are_evaluated_as_step_0(tmp_path, monkeypatch):
+  import jax
+  import jax.numpy as jnp
+  from configs import shapes
+  from retina_jax.model import retinanet
+  from retina_jax.model import torchvision_weights
+  config = shapes.get_config('tiny')
+  config.model.pretrained = 'resnet18.npz'
+  loaded, evaluated = [], {}
+  # Compiling the model's init takes minutes on one busy core; the wiring is what is tested here.
+  monkeypatch.setattr(retinanet, '_init', lambda model, rng: {'params': {'w': jnp.zeros(3)}, 'batch_stats': {}})
+
+  def load(path, variables, config):
+    loaded.append(path)
+    return jax.tree.map(lambda x: x + 1, variables)
+
+  def fake_evaluate(config, model, variables, mesh, step, workdir, coco_gt=None, record=None):
+    evaluated.update(step=step, variables=variables)
+
+  monkeypatch.setattr(torchvision_weights, 'load_torchvision_backbone', load)
+  monkeypatch.setattr(evaluate, 'ground_truth', lambda config: None)
+  monkeypatch.setattr(evaluate, 'evaluate', fake_evaluate)
+  workdir = str(tmp_path / 'run')
+  evaluate.evaluate_checkpoint(config, workdir)
+  assert loaded == ['resnet18.npz'] and evaluated['step'] == 0
+  np.testing.assert_array_equal(evaluated['variables']['params']['w'], np.ones(3))  # init, then the file's
+  assert not os.path.exists(workdir)  # evaluation only reads
+  config.model.pretrained = None
+  with pytest.raises(FileNotFoundError, match=r'no checkpoint in .*run/checkpoints and no config\.model\.pretrained'):
+    evaluate.evaluate_checkpoint(config, workdir)

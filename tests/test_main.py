@@ -297,6 +297,21 @@ def test_evaluation_writes_its_own_record_and_skips_a_damaged_checkpoint(preempt
   assert record['AP'] == metrics['AP']
 
 
+@pytest.mark.slow
+def test_evaluation_reads_the_model_whatever_optimizer_trained_it(preempted, tmp_path):
+  # Issue 13: evaluation rebuilt the whole train state with the eval config's optimizer, so
+  # other optim.* values (another optimizer state) made every checkpoint unreadable.
+  config, trained_dir, _, _ = preempted
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(trained_dir, workdir)
+  c = config.copy_and_resolve_references()
+  c.mode = 'eval'
+  c.data.eval_images = 4
+  c.optim.momentum, c.optim.weight_decay, c.optim.base_lr, c.optim.grad_clip = 0.0, 0.0, 1.0, 5.0
+  metrics = main.run(c, workdir, allow_config_change=True)
+  assert metrics['step'] == _steps(workdir)[-1] and metrics['images'] == 4
+
+
 def test_tfds_chatter_stays_out_of_the_progress_bar(tmp_path, caplog):
   # Issue 12: tfds logged 'Using custom data configuration' into the bar's line at every evaluation.
   from retina_jax.data import shapes as shapes_data

@@ -51,7 +51,7 @@ def _random_variables(config):
   He-normal kernels, identity BatchNorm; the output convs are small, and the class
   bias is set so that scores spread over 0.05..0.9 (a dozen detections per image).
   """
-  abstract = detector_lib.abstract_variables(config, retinanet.build(config), sharding.make_mesh())
+  abstract = retinanet.abstract_variables(retinanet.build(config))
   rng = np.random.default_rng(0)
 
   def draw(path, s):
