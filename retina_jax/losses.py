@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from retina_jax import box_coder
-from retina_jax import boxes as box_ops
-from retina_jax import postprocess
+from retina_jax import boxes as boxes_lib
 
 
 def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
@@ -83,7 +82,7 @@ def giou_loss(pred_boxes, target_boxes, eps=1e-7):
   t = jnp.asarray(target_boxes, jnp.float32)
   inter_wh = jnp.maximum(jnp.minimum(p[..., 2:], t[..., 2:]) - jnp.maximum(p[..., :2], t[..., :2]), 0.0)
   inter = inter_wh[..., 0] * inter_wh[..., 1]
-  union = box_ops.area(p) + box_ops.area(t) - inter
+  union = boxes_lib.area(p) + boxes_lib.area(t) - inter
   hull_wh = jnp.maximum(jnp.maximum(p[..., 2:], t[..., 2:]) - jnp.minimum(p[..., :2], t[..., :2]), 0.0)
   hull = hull_wh[..., 0] * hull_wh[..., 1]
   giou = inter / jnp.maximum(union, eps) - (hull - union) / jnp.maximum(hull, eps)
@@ -129,7 +128,7 @@ def ohem_select(anchor_loss, labels, pred_boxes, *, batch, nms_iou, neg_pos=0.0,
 
   def one_image(loss, label, boxes):
     top, cand = jax.lax.top_k(jnp.where(label >= 0, loss, -jnp.inf), pool)  # [pool]
-    keep, valid = postprocess.nms(boxes[cand], top, nms_iou, max_out)  # [max_out]
+    keep, valid = boxes_lib.nms(boxes[cand], top, nms_iou, max_out)  # [max_out]
     kept = cand[keep]
     take = valid
     if neg_pos > 0:
