@@ -37,10 +37,17 @@ from retina_jax.data import pipeline
 METRICS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')  # COCOeval.stats[0:6]
 
 
-def device_anchors(config, mesh):
-  """{(H, W): anchors [A, 4] replicated on mesh} for every canvas of the config (each bucket)."""
+def device_anchors(config, mesh, canvases=None):
+  """{(H, W): anchors [A, 4] float32 replicated on mesh}, the one place anchors go to the devices.
+
+  Args:
+    config: the run config (anchors.*).
+    mesh: the ('data',) mesh.
+    canvases: (H, W) canvases; default every canvas of the config (one per size bucket).
+  """
   rep = sharding.replicated(mesh)
-  return {c: jax.device_put(anchors_lib.from_config(config, c), rep) for c in pipeline.canvases(config)}
+  canvases = pipeline.canvases(config) if canvases is None else [tuple(c) for c in canvases]
+  return {c: jax.device_put(anchors_lib.from_config(config, c), rep) for c in canvases}
 
 
 def make_predict_fn(config, model, mesh):
