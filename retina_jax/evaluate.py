@@ -50,6 +50,14 @@ def device_anchors(config, mesh, canvases=None):
   return {c: jax.device_put(anchors_lib.from_config(config, c), rep) for c in canvases}
 
 
+def check(config):
+  """Raises errors.BadValue naming the first bad value of config.eval."""
+  e = config.eval
+  errors.check_range('eval.batch_size', e.batch_size, lo=1)
+  errors.check_range('eval.visualize', e.visualize, lo=0)
+  errors.check_range('eval.checkpoint_step', e.checkpoint_step, lo=-1)
+
+
 def make_predict_fn(config, model, mesh):
   """jit(images -> detections): variables replicated, batch split over 'data'.
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from retina_jax import box_coder
 from retina_jax import boxes as boxes_lib
+from retina_jax import errors
 
 
 def _level_candidates(logits, best, deltas, anchors, start, count, topk, score_thresh, weights, clamp):
@@ -99,3 +100,12 @@ def postprocess(logits, deltas, anchors, level_counts, image_hw, *, score_thresh
       classes=jnp.where(valid, take(classes), -1),
       valid=valid,
   )
+
+
+def check(config):
+  """Raises errors.BadValue naming the first bad value of config.postprocess."""
+  p = config.postprocess
+  errors.check_range('postprocess.score_thresh', p.score_thresh, 0.0, 1.0)
+  errors.check_range('postprocess.topk_per_level', p.topk_per_level, lo=1)
+  errors.check_range('postprocess.nms_iou', p.nms_iou, 0.0, 1.0)
+  errors.check_range('postprocess.max_detections', p.max_detections, lo=1)

@@ -100,6 +100,15 @@ def create_train_state(config, model, mesh):
   return jax.device_put(state, sharding.replicated(mesh)), tx
 
 
+def check(config):
+  """Raises errors.BadValue naming the first bad loop setting of config.train (optim checks the schedule's)."""
+  t = config.train
+  errors.check_range('train.log_every', t.log_every, lo=1)
+  errors.check_range('train.checkpoint_every', t.checkpoint_every, lo=1)
+  errors.check_range('train.eval_every', t.eval_every, lo=0)
+  checkpoint.check_keep(t.keep_checkpoints)
+
+
 def compute_gradients(state, batch, anchors, *, model, config):
   """Loss, metrics and gradients of one global batch.
 

@@ -97,6 +97,8 @@ def build(config):
   for key in ('backbone_width', 'fpn_width', 'head_width', 'num_classes'):
     if m[key] < 1:
       raise ValueError(f'config.model.{key} must be >= 1, got {m[key]}')
+  if m.head_convs < 0:
+    raise ValueError(f'config.model.head_convs must be >= 0, got {m.head_convs}')
   return RetinaNet(
       backbone=m.backbone, backbone_width=m.backbone_width, freeze_bn=m.freeze_bn,
       freeze_at=m.freeze_at, fpn_width=m.fpn_width, p6_from=m.p6_from,
