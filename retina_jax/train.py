@@ -76,10 +76,8 @@ def init_variables(config, model, rng):
   variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
   if config.model.pretrained:
     from retina_jax.model import torchvision_weights
-    if config.model.pretrained_kind == 'backbone':
-      variables = torchvision_weights.load_torchvision_backbone(config.model.pretrained, variables, config)
-    else:
-      variables = torchvision_weights.load_torchvision_retinanet(config.model.pretrained, variables, config)
+    load = torchvision_weights.LOADERS[config.model.pretrained_kind]
+    variables = load(config.model.pretrained, variables, config)
   return variables
 
 
