@@ -83,7 +83,6 @@ def time_canvases(config, canvases, steps):
   """{canvas: (train compile s, median step s, predict compile s)} on the local devices."""
   import jax
   from experiments import bench_train
-  from retina_jax import anchors as anchors_lib
   from retina_jax import evaluate
   from retina_jax import sharding
   from retina_jax import train
@@ -93,10 +92,11 @@ def time_canvases(config, canvases, steps):
   state, tx = train.create_train_state(config, model, mesh)
   step_fn = train.make_train_step(config, model, tx, mesh)
   predict = evaluate.make_predict_fn(config, model, mesh)
+  anchors_per_canvas = evaluate.device_anchors(config, mesh, canvases)
   out = {}
   for canvas in canvases:
     config.data.canvas = canvas
-    anchors = jax.device_put(anchors_lib.from_config(config, canvas), sharding.replicated(mesh))
+    anchors = anchors_per_canvas[tuple(canvas)]
     batch = sharding.global_batch(bench_train.random_batch(config, 0), mesh)
     tick = time.perf_counter()
     compiled = step_fn.lower(state, batch, anchors).compile()

@@ -121,7 +121,6 @@ def time_per_image(config, workdir, *, batches=5, warmup=2):
     Milliseconds per image, averaged over `batches` batches of eval.batch_size.
   """
   import jax
-  from retina_jax import anchors as anchors_lib
   from retina_jax import checkpoint
   from retina_jax import evaluate
   from retina_jax import sharding
@@ -133,7 +132,7 @@ def time_per_image(config, workdir, *, batches=5, warmup=2):
   _, variables = checkpoint.restore_variables(
       workdir, retinanet.abstract_variables(model, sharding.replicated(mesh)))
   predict = evaluate.make_predict_fn(config, model, mesh)
-  anchors = jax.device_put(anchors_lib.from_config(config), sharding.replicated(mesh))
+  anchors = evaluate.device_anchors(config, mesh)  # one per canvas (size bucket)
   held = []
   for batch in pipeline.eval_iterator(config):
     held.append(sharding.global_batch({k: batch[k] for k in ('image', 'image_hw')}, mesh))
@@ -143,7 +142,7 @@ def time_per_image(config, workdir, *, batches=5, warmup=2):
   for i in range(warmup + batches):
     b = held[i % len(held)]
     tick = time.perf_counter()
-    jax.block_until_ready(predict(variables, b['image'], b['image_hw'], anchors))
+    jax.block_until_ready(predict(variables, b['image'], b['image_hw'], anchors[b['image'].shape[1:3]]))
     if i >= warmup:
       total += time.perf_counter() - tick
   return 1000.0 * total / (batches * config.eval.batch_size)

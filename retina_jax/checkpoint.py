@@ -35,10 +35,14 @@ from jax.experimental import multihost_utils
 from retina_jax import errors
 
 
+def check_keep(keep):
+  """Raises errors.BadValue unless `keep` (config.train.keep_checkpoints) is at least 1."""
+  errors.check_range('train.keep_checkpoints', keep, lo=1)
+
+
 def make_manager(workdir, keep):
   """A CheckpointManager writing to <workdir>/checkpoints, keeping the last `keep` steps."""
-  if keep < 1:
-    raise errors.BadValue(f'train.keep_checkpoints must be >= 1, got {keep}')
+  check_keep(keep)
   # Synchronous: a save is on disk when save() returns, so SIGTERM and error paths need no waiting.
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
   if '://' not in workdir:

@@ -20,6 +20,7 @@ import numpy as np
 
 from retina_jax import checkpoint
 from retina_jax import evaluate
+from retina_jax import postprocess
 from retina_jax import sharding
 from retina_jax.data import coco
 from retina_jax.data import pipeline
@@ -46,15 +47,9 @@ class Detector:
       mesh: a ('data',) mesh; default all local devices.
       step: where the variables come from, for reports.
     """
+    pipeline.check(config)  # resizing, canvases and classes, as evaluation reads them
+    postprocess.check(config)
     info = pipeline.dataset_info(config)
-    if config.model.num_classes != info.num_classes:
-      raise ValueError(f'config.model.num_classes={config.model.num_classes} must equal the '
-                       f'{info.num_classes} classes of dataset {config.data.dataset!r}')
-    p = config.postprocess
-    if not 0 <= p.score_thresh <= 1:
-      raise ValueError(f'config.postprocess.score_thresh={p.score_thresh!r}: must be in [0, 1]')
-    if p.max_detections < 1:
-      raise ValueError(f'config.postprocess.max_detections={p.max_detections!r}: must be >= 1')
     self.mesh = mesh if mesh is not None else sharding.make_mesh(jax.local_devices())
     self.batch_size = int(config.eval.batch_size)
     if self.batch_size < 1 or self.batch_size % self.mesh.size:

@@ -38,10 +38,25 @@ from retina_jax.model import retinanet
 METRICS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')  # COCOeval.stats[0:6]
 
 
-def device_anchors(config, mesh):
-  """{(H, W): anchors [A, 4] replicated on mesh} for every canvas of the config (each bucket)."""
+def device_anchors(config, mesh, canvases=None):
+  """{(H, W): anchors [A, 4] float32 replicated on mesh}, the one place anchors go to the devices.
+
+  Args:
+    config: the run config (anchors.*).
+    mesh: the ('data',) mesh.
+    canvases: (H, W) canvases; default every canvas of the config (one per size bucket).
+  """
   rep = sharding.replicated(mesh)
-  return {c: jax.device_put(anchors_lib.from_config(config, c), rep) for c in pipeline.canvases(config)}
+  canvases = pipeline.canvases(config) if canvases is None else [tuple(c) for c in canvases]
+  return {c: jax.device_put(anchors_lib.from_config(config, c), rep) for c in canvases}
+
+
+def check(config):
+  """Raises errors.BadValue naming the first bad value of config.eval."""
+  e = config.eval
+  errors.check_range('eval.batch_size', e.batch_size, lo=1)
+  errors.check_range('eval.visualize', e.visualize, lo=0)
+  errors.check_range('eval.checkpoint_step', e.checkpoint_step, lo=-1)
 
 
 def make_predict_fn(config, model, mesh):

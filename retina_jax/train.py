@@ -43,7 +43,6 @@ from retina_jax import checkpoint
 from retina_jax import errors
 from retina_jax import evaluate
 from retina_jax import losses
-from retina_jax import matching
 from retina_jax import metric_writer
 from retina_jax import optim
 from retina_jax import sharding
@@ -87,6 +86,15 @@ def create_train_state(config, model, mesh):
   return jax.device_put(state, sharding.replicated(mesh)), tx
 
 
+def check(config):
+  """Raises errors.BadValue naming the first bad loop setting of config.train (optim checks the schedule's)."""
+  t = config.train
+  errors.check_range('train.log_every', t.log_every, lo=1)
+  errors.check_range('train.checkpoint_every', t.checkpoint_every, lo=1)
+  errors.check_range('train.eval_every', t.eval_every, lo=0)
+  checkpoint.check_keep(t.keep_checkpoints)
+
+
 def compute_gradients(state, batch, anchors, *, model, config):
   """Loss, metrics and gradients of one global batch.
 
@@ -99,19 +107,7 @@ def compute_gradients(state, batch, anchors, *, model, config):
   Returns:
     (grads like state.params, metrics dict of scalars, new batch_stats, new normalizer).
   """
-  m = config.matching
-  weights = tuple(config.box_coder.weights)
-  targets = matching.assign(
-      anchors, batch['boxes'], batch['classes'], fg_iou=m.fg_iou, bg_iou=m.bg_iou,
-      low_quality=m.low_quality, weights=weights)
-  normalizer = None
-  new_normalizer = state.normalizer
-  if config.loss.normalizer == 'running':
-    # detectron2 feeds the average max(num_pos, 1): a batch without objects still counts once.
-    num_pos = jnp.sum(targets['labels'] == 1).astype(jnp.float32)
-    new_normalizer = losses.update_running_normalizer(
-        state.normalizer, jnp.maximum(num_pos, 1.0), config.loss.normalizer_momentum)
-    normalizer = new_normalizer
+  loss_options = losses.kwargs_from_config(config)
   train_bn = not config.model.freeze_bn
 
   def loss_fn(params):
@@ -122,14 +118,14 @@ def compute_gradients(state, batch, anchors, *, model, config):
     else:
       outputs = model.apply(variables, batch['image'], train=True)
       batch_stats = state.batch_stats
-    out = losses.retinanet_loss(outputs, targets, anchors, config.loss, weights=weights,
-                                normalizer=normalizer)
-    return out['loss'], (out, batch_stats)
+    loss, metrics, normalizer = losses.detection_loss(
+        outputs['logits'], outputs['deltas'], anchors, batch['boxes'], batch['classes'],
+        running_normalizer=state.normalizer, **loss_options)
+    return loss, (metrics, batch_stats, normalizer)
 
-  grads, (out, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
-  metrics = {k: out[k] for k in ('loss', 'cls_loss', 'box_loss', 'num_pos')}
+  grads, (metrics, batch_stats, normalizer) = jax.grad(loss_fn, has_aux=True)(state.params)
   metrics['grad_norm'] = optax.tree.norm(grads)
-  return grads, metrics, batch_stats, new_normalizer
+  return grads, metrics, batch_stats, normalizer
 
 
 def all_finite(tree):

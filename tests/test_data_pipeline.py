@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from configs import base
-from retina_jax import boxes as box_lib
+from retina_jax import boxes as boxes_lib
 from retina_jax.data import pipeline
 
 pytestmark = pytest.mark.slow  # builds a dataset (16 + 10 images of 64 px, a few seconds)
@@ -132,7 +132,7 @@ def test_ground_truth_matches_eval_batches(data_dir):
       image_id = int(b['image_id'][i])
       assert gt.imgs[image_id]['height'] == 64 and b['scale'][i] == 1.5
       anns = [a for a in gt.loadAnns(gt.getAnnIds(imgIds=[image_id])) if not a['iscrowd']]
-      want = box_lib.from_coco(np.array([a['bbox'] for a in anns]).reshape(-1, 4)) * 1.5
+      want = boxes_lib.from_coco(np.array([a['bbox'] for a in anns]).reshape(-1, 4)) * 1.5
       n = min(len(anns), 12)
       np.testing.assert_allclose(b['boxes'][i, :n], want[:n], atol=1e-3)
       np.testing.assert_array_equal(b['classes'][i, :n] + 1, [a['category_id'] for a in anns][:n])

@@ -15,7 +15,6 @@ import pytest
 from PIL import Image
 
 from configs import shapes
-from retina_jax import anchors as anchors_lib
 from retina_jax import boxes as boxes_lib
 from retina_jax import checkpoint
 from retina_jax import detector as detector_lib
@@ -92,11 +91,12 @@ def detector(setup):
 
 def _eval_path_rows(config, det):
   """{image_id: rows [n, 6] (x, y, w, h, score, category_id)} from the eval iterator and to_coco_rows."""
-  anchors = jax.device_put(anchors_lib.from_config(config), sharding.replicated(det.mesh))
+  anchors = evaluate.device_anchors(config, det.mesh)
   rows = []
   for local in pipeline.eval_iterator(config):
     batch = sharding.global_batch({k: local[k] for k in ('image', 'image_hw')}, det.mesh)
-    dets = jax.device_get(det.predict(det.variables, batch['image'], batch['image_hw'], anchors))
+    dets = jax.device_get(det.predict(det.variables, batch['image'], batch['image_hw'],
+                                      anchors[local['image'].shape[1:3]]))
     rows.append(evaluate.to_coco_rows(dets, local, pipeline.dataset_info(config).category_ids))
   rows = np.concatenate(rows)
   return {int(i): rows[rows[:, 0] == i][:, 1:] for i in np.unique(rows[:, 0])}

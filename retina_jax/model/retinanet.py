@@ -99,6 +99,8 @@ def build(config):
   for key in ('backbone_width', 'fpn_width', 'head_width', 'num_classes'):
     if m[key] < 1:
       raise ValueError(f'config.model.{key} must be >= 1, got {m[key]}')
+  if m.head_convs < 0:
+    raise ValueError(f'config.model.head_convs must be >= 0, got {m.head_convs}')
   return RetinaNet(
       backbone=m.backbone, backbone_width=m.backbone_width, freeze_bn=m.freeze_bn,
       freeze_at=m.freeze_at, fpn_width=m.fpn_width, p6_from=m.p6_from,
@@ -126,11 +128,9 @@ def init_variables(config, model, rng):
     {'params', 'batch_stats'} of jax.Array.
   """
   variables = jax.jit(lambda r: _init(model, r))(rng)
-  m = config.model
-  if m.pretrained and m.pretrained_kind == 'backbone':
-    variables = torchvision_weights.load_torchvision_backbone(m.pretrained, variables, config)
-  elif m.pretrained:
-    variables = torchvision_weights.load_torchvision_retinanet(m.pretrained, variables, config)
+  if config.model.pretrained:
+    load = torchvision_weights.LOADERS[config.model.pretrained_kind]
+    variables = load(config.model.pretrained, variables, config)
   return variables
 
 

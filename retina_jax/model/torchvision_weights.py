@@ -201,3 +201,12 @@ def load_torchvision_retinanet(path, variables, config, *, bn_eps=RETINANET_V1_B
           f'is {k}; pass class_indices to pick the classes')
   return _load(state, variables, config, source=path, body='backbone.body.', bn_eps=bn_eps,
                backbone_only=False, classes=class_indices)
+
+
+# config.model.pretrained_kind -> the loader of such a file.
+LOADERS = {'backbone': load_torchvision_backbone, 'retinanet': load_torchvision_retinanet}
+
+
+def check(config):
+  """Raises errors.BadValue unless config.model.pretrained_kind names one of LOADERS."""
+  errors.check_choice('model.pretrained_kind', config.model.pretrained_kind, LOADERS)
