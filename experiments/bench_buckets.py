@@ -98,21 +98,11 @@ def time_canvases(config, canvases, steps):
     config.data.canvas = canvas
     anchors = anchors_per_canvas[tuple(canvas)]
     batch = sharding.global_batch(bench_train.random_batch(config, 0), mesh)
-    tick = time.perf_counter()
-    compiled = step_fn.lower(state, batch, anchors).compile()
-    compile_s = time.perf_counter() - tick
-    state, metrics = compiled(state, batch, anchors)  # warm-up
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
-      tick = time.perf_counter()
-      state, metrics = compiled(state, batch, anchors)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - tick)
+    compile_s, step_s, state = bench_train.time_step(step_fn, state, batch, anchors, steps)
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     tick = time.perf_counter()
     predict.lower(variables, batch['image'], batch['image'][:, 0, :2, 0], anchors).compile()
-    out[canvas] = (compile_s, float(np.median(times)), time.perf_counter() - tick)
+    out[canvas] = (compile_s, step_s, time.perf_counter() - tick)
     print(f'  {canvas[0]}x{canvas[1]}: train step compile {compile_s:.1f} s, step {out[canvas][1]:.2f} s '
           f'({out[canvas][1] / config.train.batch_size:.2f} s/image), predict compile {out[canvas][2]:.1f} s',
           flush=True)

@@ -85,12 +85,10 @@ def test_pycocotools_prints_nothing_to_stdout(capsys):
   assert capsys.readouterr().out == ''
 
 
-def test_eval_inputs_are_checked_before_any_inference(tmp_path):
+def test_eval_inputs_are_checked_before_any_inference(tiny_config, tmp_path):
   # Issue 12: a malformed annotation file failed only after inference over the whole split.
-  from configs import shapes
   from retina_jax import sharding
-  config = shapes.get_config('tiny')
-  config.data.data_dir = str(tmp_path / 'tfds')
+  config = tiny_config
   config.data.annotation_file = str(tmp_path / 'instances.json')
   (tmp_path / 'instances.json').write_text('{"images": [], "annotations": [')
 

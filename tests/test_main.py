@@ -129,9 +129,8 @@ def _check_run(workdir, metrics):
 
 
 @pytest.mark.slow
-def test_one_step_train_and_evaluate_on_shapes(tmp_path):
-  c = shapes.get_config('tiny')
-  c.data.data_dir = str(tmp_path / 'tfds')
+def test_one_step_train_and_evaluate_on_shapes(tiny_config, tmp_path):
+  c = tiny_config
   c.train.steps = 1
   main.validate(c)
   workdir = str(tmp_path / 'run')
@@ -205,7 +204,7 @@ def test_user_errors_print_one_line(tmp_path, args, message):
 
 
 @pytest.fixture(scope='module')
-def preempted(tmp_path_factory):
+def preempted(tmp_path_factory, tfds_dir):
   """A tiny run from the command line, stopped by SIGTERM once step 1 is logged.
 
   Checkpoints are saved every step, so the workdir holds at least steps 1 and 2.
@@ -213,7 +212,7 @@ def preempted(tmp_path_factory):
     (the config as the command line built it, workdir, exit status, stderr).
   """
   c = shapes.get_config('tiny')
-  c.data.data_dir = str(tmp_path_factory.mktemp('tfds'))
+  c.data.data_dir = tfds_dir
   c.mode, c.train.steps, c.train.checkpoint_every = 'train', 1000, 1
   workdir = str(tmp_path_factory.mktemp('preempted'))
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')

@@ -66,10 +66,10 @@ def _random_variables(config):
 
 
 @pytest.fixture(scope='module')
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tfds_dir):
   """(config, workdir with a train-state checkpoint at STEP, folder of the 8 validation images as files)."""
   root = tmp_path_factory.mktemp('predict')
-  config = _config(str(root / 'tfds'))
+  config = _config(tfds_dir)
   variables = _random_variables(config)
   tx = optim.make_optimizer(config, retinanet.trainable_mask(variables['params'], config))
   state = train.TrainState(step=np.int32(STEP), params=variables['params'], batch_stats=variables['batch_stats'],

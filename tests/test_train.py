@@ -15,12 +15,12 @@ from retina_jax.data import pipeline
 
 
 @pytest.fixture(scope='module')
-def config(tmp_path_factory):
+def config(tmp_path_factory, tfds_dir):
   # The four runs below compile the same step: let the later ones read it from disk.
   jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   c = shapes.get_config('tiny')
-  c.data.data_dir = str(tmp_path_factory.mktemp('tfds'))
+  c.data.data_dir = tfds_dir
   c.mode = 'train'
   c.train.steps = 4
   c.train.checkpoint_every = 100  # only the end, SIGTERM and the explicit saves below
