@@ -139,7 +139,7 @@ def test_without_a_checkpoint_the_pretrained_weights_are_evaluated_as_step_0(tmp
   def fake_evaluate(config, model, variables, mesh, step, workdir, coco_gt=None, record=None):
     evaluated.update(step=step, variables=variables)
 
-  monkeypatch.setattr(torchvision_weights, 'load_torchvision_backbone', load)
+  monkeypatch.setitem(torchvision_weights.LOADERS, 'backbone', load)
   monkeypatch.setattr(evaluate, 'ground_truth', lambda config: None)
   monkeypatch.setattr(evaluate, 'evaluate', fake_evaluate)
   workdir = str(tmp_path / 'run')
