@@ -27,7 +27,7 @@ def get_config(arg=None):
 
   # Data. 'coco' reads tfds coco/2017; 'shapes' reads the built-in synthetic set.
   c.data = ml_collections.ConfigDict()
-  c.data.dataset = 'coco'  # 'coco' | 'shapes'
+  c.data.dataset = 'coco'  # a key of DATASETS in retina_jax/data/pipeline.py
   c.data.data_dir = config_dict.placeholder(str)  # tfds data_dir
   c.data.train_split = 'train'
   c.data.eval_split = 'validation'
@@ -73,7 +73,7 @@ def get_config(arg=None):
 
   # Network (sec. 4): ResNet-FPN, two subnets of 4 convs x 256.
   c.model = ml_collections.ConfigDict()
-  c.model.backbone = 'resnet50'  # resnet18|34|50|101|152, resnext101_32x8d, resnext101_64x4d
+  c.model.backbone = 'resnet50'  # a key of BACKBONES in retina_jax/model/resnet.py
   c.model.backbone_width = 64  # stem width; smaller values give the tiny CPU variants
   c.model.freeze_bn = True  # BatchNorm statistics and affine frozen (sec. 4.1, Detectron)
   c.model.freeze_at = 2  # stem and res2 frozen (Detectron FREEZE_AT = 2); 0 trains everything
@@ -86,7 +86,7 @@ def get_config(arg=None):
   c.model.num_classes = 80
   c.model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16'; parameters stay float32
   c.model.pretrained = config_dict.placeholder(str)  # torchvision .pth/.safetensors/.npz
-  c.model.pretrained_kind = 'backbone'  # 'backbone' (ImageNet ResNet) | 'retinanet' (whole torchvision model)
+  c.model.pretrained_kind = 'backbone'  # an ImageNet ResNet; LOADERS in model/torchvision_weights.py
 
   # Assignment (sec. 4): IoU >= 0.5 positive, < 0.4 negative, between ignored.
   c.matching = ml_collections.ConfigDict()
@@ -98,15 +98,16 @@ def get_config(arg=None):
   c.box_coder.weights = (1.0, 1.0, 1.0, 1.0)  # Detectron RetinaNet: no scaling of (dx, dy, dw, dh)
   c.box_coder.clamp = math.log(1000.0 / 16)  # dw, dh clamp at decode (Detectron)
 
-  # Losses (sec. 3, 4).
+  # Losses (sec. 3, 4). cls, box and normalizer take the keys of CLS_LOSSES, BOX_LOSSES and
+  # NORMALIZERS in retina_jax/losses.py.
   c.loss = ml_collections.ConfigDict()
-  c.loss.cls = 'focal'  # 'focal' | 'ohem' (Table 1d)
+  c.loss.cls = 'focal'  # sec. 3; OHEM for Table 1d
   c.loss.alpha = 0.25  # sec. 3.2 / Table 1b; negative means no alpha weighting
   c.loss.gamma = 2.0  # Table 1b
-  c.loss.box = 'smooth_l1'  # 'smooth_l1' (Detectron) | 'l1' (detectron2, torchvision) | 'giou'
+  c.loss.box = 'smooth_l1'  # Detectron's; detectron2 and torchvision use L1
   c.loss.beta = 0.11  # smooth L1 (Detectron)
   c.loss.box_weight = 1.0
-  c.loss.normalizer = 'global'  # 'global': #positives of the global batch; 'running': detectron2's EMA
+  c.loss.normalizer = 'global'  # #positives of the global batch; detectron2 uses a running average
   c.loss.normalizer_momentum = 0.9
   c.loss.normalizer_init = 100.0
   c.loss.ohem_batch = 128  # anchors kept per image (Table 1d)

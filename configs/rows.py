@@ -189,11 +189,9 @@ def toy():
   are compared, not demoed, so they train a schedule of their own, written out here
   so that a change to the demo does not change the tables: 1500 steps of 8 images
   (12,000 images, warm-up 100 steps, lr / 10 at 1000 and 1333: the paper's shape) at
-  the demo's learning rate, 0.04 per 16 images (0.02 at 8). That is long enough for
-  the best rows to reach 30-45 AP on the synthetic validation set, so rows are ranked
-  by what they learned rather than by noise (a quarter of it, as first used, left every
-  AP near 1). A row took 5.5-8 minutes of wall time with two rows sharing this
-  machine's 2 CPU cores, compiling and evaluating included.
+  the demo's learning rate, 0.04 per 16 images (0.02 at 8): long enough that rows are
+  ranked by what they learned rather than by noise. What the rows reach, and what a
+  row costs: README.md, "Reproduction status".
   """
   c = shapes.get_config()
   c.train.batch_size = 8
@@ -216,15 +214,15 @@ def toy():
 def sparse():
   """The toy scale with COCO's foreground/background imbalance (dataset=sparse).
 
-  `toy()` scores ~88 anchors per positive anchor; the paper's RetinaNet on COCO at
-  600 px about 640 (both from `python -m experiments.imbalance`, which says how COCO's
-  is estimated), and the focal loss is about that imbalance. Here the same model and
-  schedule see 256 px images with 1 to 5 objects (2.9 on average) on a 256 x 256
-  canvas: 12,276 anchors and ~16 positives per image, ~750 anchors per positive. The
-  object count was chosen for that ratio before any row was run (5 objects at most
-  gives 750, 6 would give ~550, 3 gave 1,080); every results file shows the ratio
-  training met. Objects keep `toy()`'s sizes in pixels (8 px up), so their sizes
-  relative to the anchors are the toy's; 4x the pixels of `toy()`.
+  The focal loss is about that imbalance, which `toy()` lacks: ~88 anchors per positive
+  anchor against about 640 for the paper's RetinaNet on COCO at 600 px (both from
+  `python -m experiments.imbalance`, which says how COCO's is estimated). Here the same
+  model and schedule see 256 px images with 1 to 5 objects on a 256 x 256 canvas
+  (12,276 anchors per image), the object count chosen before any row was run for
+  ~750 anchors per positive (README.md, "Reproduction status", has the counts measured;
+  every results file shows the ratio training met). Objects keep `toy()`'s sizes in
+  pixels (8 px up), so their sizes relative to the anchors are the toy's; 4x the
+  pixels of `toy()`.
   """
   c = toy()
   c.data.shapes.image_size = 256

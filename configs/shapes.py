@@ -11,12 +11,7 @@ each at least 12 px. Loss, matching, box coding and post-processing keep the pap
   make demo
   python -m retina_jax.main --config configs/shapes.py --workdir runs/demo
 
-Measured (make demo from a fresh clone, 2 CPU cores, the dataset already built):
-COCO AP 50.2 / AP50 79.6 / AP75 57.7 on the 200 validation images after 1500 steps
-(the same in fresh clones in two sessions; earlier code gave 52.4 AP),
-6.5 minutes wall on a quiet machine (10.5 minutes when other jobs share the cores); the
-run is deterministic. The train step alone takes 0.20 s for 16 images (81 images/s,
-experiments/bench_train.py).
+What it reaches and how long it takes: README.md, "Set-up on a fresh clone".
 
 `configs/shapes.py:tiny` is the test-sized variant (ResNet-18 at width 8, 16-wide
 FPN and one-conv subnets, 32 training images, a few steps): it checks that the

@@ -83,7 +83,6 @@ def time_canvases(config, canvases, steps):
   """{canvas: (train compile s, median step s, predict compile s)} on the local devices."""
   import jax
   from experiments import bench_train
-  from retina_jax import anchors as anchors_lib
   from retina_jax import evaluate
   from retina_jax import sharding
   from retina_jax import train
@@ -93,26 +92,17 @@ def time_canvases(config, canvases, steps):
   state, tx = train.create_train_state(config, model, mesh)
   step_fn = train.make_train_step(config, model, tx, mesh)
   predict = evaluate.make_predict_fn(config, model, mesh)
+  anchors_per_canvas = evaluate.device_anchors(config, mesh, canvases)
   out = {}
   for canvas in canvases:
     config.data.canvas = canvas
-    anchors = jax.device_put(anchors_lib.from_config(config, canvas), sharding.replicated(mesh))
+    anchors = anchors_per_canvas[tuple(canvas)]
     batch = sharding.global_batch(bench_train.random_batch(config, 0), mesh)
-    tick = time.perf_counter()
-    compiled = step_fn.lower(state, batch, anchors).compile()
-    compile_s = time.perf_counter() - tick
-    state, metrics = compiled(state, batch, anchors)  # warm-up
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
-      tick = time.perf_counter()
-      state, metrics = compiled(state, batch, anchors)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - tick)
+    compile_s, step_s, state = bench_train.time_step(step_fn, state, batch, anchors, steps)
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     tick = time.perf_counter()
     predict.lower(variables, batch['image'], batch['image'][:, 0, :2, 0], anchors).compile()
-    out[canvas] = (compile_s, float(np.median(times)), time.perf_counter() - tick)
+    out[canvas] = (compile_s, step_s, time.perf_counter() - tick)
     print(f'  {canvas[0]}x{canvas[1]}: train step compile {compile_s:.1f} s, step {out[canvas][1]:.2f} s '
           f'({out[canvas][1] / config.train.batch_size:.2f} s/image), predict compile {out[canvas][2]:.1f} s',
           flush=True)

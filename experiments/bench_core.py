@@ -1,10 +1,10 @@
 """Times the on-device core of a train and an eval step, without the network.
 
-Target assignment (matching.assign), the loss with its gradient with respect to
-the head outputs (losses.retinanet_loss, focal and OHEM), both together as a
-train step runs them, and post-processing (postprocess.postprocess), each jitted
-on its own, at the paper's anchor
-settings. Random head outputs stand in for the model: logits ~ N(-4, 1.5), so
+Target assignment (matching.assign) alone, the whole training objective with its
+gradient with respect to the head outputs (losses.detection_loss: assignment, then
+focal or OHEM and box loss, as a train step runs them; the loss alone costs the
+difference), and post-processing (postprocess.postprocess), each jitted on its own,
+at the paper's anchor settings. Random head outputs stand in for the model: logits ~ N(-4, 1.5), so
 about a quarter of the (anchor, class) pairs pass the 0.05 score threshold and
 every level fills its top-k, the worst case for NMS.
 
@@ -85,20 +85,17 @@ def main():
   targets = _time('assign', assign, (gt_boxes, gt_classes), args.repeats)(gt_boxes, gt_classes)
   print(f'  positives per image: {float(jnp.mean(jnp.sum(targets["labels"] == 1, axis=1))):.1f}')
 
-  def loss_and_grad(loss_config):
-    def step(outputs, gt_boxes, gt_classes):
-      t = matching.assign(anchors, gt_boxes, gt_classes)
-      return jax.value_and_grad(lambda o: losses.retinanet_loss(o, t, anchors, loss_config)['loss'])(outputs)
-    return jax.jit(step)
+  def loss_and_grad(options):
+    def objective(outputs, gt_boxes, gt_classes):
+      return losses.detection_loss(outputs['logits'], outputs['deltas'], anchors, gt_boxes, gt_classes,
+                                   **options)[0]
+    return jax.jit(jax.value_and_grad(objective))
 
-  ohem = base.get_config().loss
-  ohem.update(dict(cls='ohem', ohem_batch=128, ohem_nms=0.5, ohem_neg_pos=3.0))
-  for name, loss_config in (('focal', config.loss), ('OHEM 1:3, 128', ohem)):
-    grad_fn = jax.jit(jax.value_and_grad(
-        lambda o, t, c=loss_config: losses.retinanet_loss(o, t, anchors, c)['loss']))
-    _time(f'{name} loss + grad', grad_fn, (outputs, targets), args.repeats)
-  _time('assign + focal loss + grad', loss_and_grad(config.loss), (outputs, gt_boxes, gt_classes),
-        args.repeats)
+  ohem = base.get_config()
+  ohem.loss.update(dict(cls='ohem', ohem_batch=128, ohem_nms=0.5, ohem_neg_pos=3.0))
+  for name, c in (('focal', config), ('OHEM 1:3, 128', ohem)):
+    _time(f'assign + {name} loss + grad', loss_and_grad(losses.kwargs_from_config(c)),
+          (outputs, gt_boxes, gt_classes), args.repeats)
 
   pp = config.postprocess
   post = jax.jit(lambda logits, deltas, image_hw: postprocess.postprocess(

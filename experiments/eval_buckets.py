@@ -77,14 +77,17 @@ def compare(bucketed, squared, margin, min_score):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from experiments import run_table
+  from retina_jax import checkpoint
   from retina_jax import evaluate
   from retina_jax import sharding
+  from retina_jax.model import retinanet
   config = FLAGS.config
   if not config.data.use_buckets:
     raise app.UsageError('the config does not use size buckets (config.data.use_buckets=False)')
   mesh = sharding.make_mesh()
-  model, variables = run_table.load_variables(config, FLAGS.workdir, mesh)
+  model = retinanet.build(config)
+  _, variables = checkpoint.restore_variables(
+      FLAGS.workdir, retinanet.abstract_variables(model, sharding.replicated(mesh)))
   squared_config = config.copy_and_resolve_references()
   squared_config.data.use_buckets = False
   side = -(-int(config.data.max_size) // 128) * 128

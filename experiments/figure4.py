@@ -28,6 +28,7 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 
 GAMMAS = (0.0, 0.5, 1.0, 2.0)
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 
 
 def sample_losses(logits, classes, labels, gammas=GAMMAS):
@@ -105,15 +106,18 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   import jax
+  from retina_jax import checkpoint
   from retina_jax import evaluate
   from retina_jax import matching
   from retina_jax import sharding
   from retina_jax.data import pipeline
-  from experiments import run_table
+  from retina_jax.model import retinanet
 
   config, workdir, images, out = FLAGS.config, FLAGS.workdir, FLAGS.images, FLAGS.out
   mesh = sharding.make_mesh()
-  model, variables = run_table.load_variables(config, workdir, mesh)
+  model = retinanet.build(config)
+  _, variables = checkpoint.restore_variables(
+      workdir, retinanet.abstract_variables(model, sharding.replicated(mesh)))
   anchors = evaluate.device_anchors(config, mesh)  # one per canvas (size bucket)
   m = config.matching
 
@@ -142,7 +146,7 @@ def main(argv):
     for gamma, parts in zip(GAMMAS, per_gamma):
       curves[(kind, gamma)] = cumulative_share(np.concatenate(parts))
     counts[kind] = int(sum(p.size for p in per_gamma[0]))
-  out = out or os.path.join(run_table.RESULTS_DIR, f'figure4_{config.data.dataset}.png')
+  out = out or os.path.join(RESULTS_DIR, f'figure4_{config.data.dataset}.png')
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   plot(curves, counts, out, f'{os.path.basename(os.path.normpath(workdir))}: {seen} images, '
        f'{config.model.backbone}, loss gamma {config.loss.gamma:g}')

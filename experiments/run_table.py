@@ -109,22 +109,6 @@ def hardware():
   return f'{len(devices)} x {devices[0].device_kind} ({devices[0].platform}, {os.cpu_count()} host cores)'
 
 
-def load_variables(config, workdir, mesh):
-  """{'params', 'batch_stats'} of the latest checkpoint in `workdir`, replicated on `mesh`."""
-  from retina_jax import checkpoint
-  from retina_jax import train
-  from retina_jax.model import retinanet
-  model = retinanet.build(config)
-  state, _ = train.create_train_state(config, model, mesh)
-  # orbax wants an absolute path.
-  manager = checkpoint.make_manager(os.path.abspath(workdir), config.train.keep_checkpoints)
-  restored = checkpoint.restore(manager, state)
-  manager.close()
-  if restored is None:
-    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints')
-  return model, {'params': restored.params, 'batch_stats': restored.batch_stats}
-
-
 def time_per_image(config, workdir, *, batches=5, warmup=2):
   """Inference time per image in ms: jitted model forward + post-processing.
 
@@ -137,15 +121,18 @@ def time_per_image(config, workdir, *, batches=5, warmup=2):
     Milliseconds per image, averaged over `batches` batches of eval.batch_size.
   """
   import jax
-  from retina_jax import anchors as anchors_lib
+  from retina_jax import checkpoint
   from retina_jax import evaluate
   from retina_jax import sharding
   from retina_jax.data import pipeline
+  from retina_jax.model import retinanet
 
   mesh = sharding.make_mesh()
-  model, variables = load_variables(config, workdir, mesh)
+  model = retinanet.build(config)
+  _, variables = checkpoint.restore_variables(
+      workdir, retinanet.abstract_variables(model, sharding.replicated(mesh)))
   predict = evaluate.make_predict_fn(config, model, mesh)
-  anchors = jax.device_put(anchors_lib.from_config(config), sharding.replicated(mesh))
+  anchors = evaluate.device_anchors(config, mesh)  # one per canvas (size bucket)
   held = []
   for batch in pipeline.eval_iterator(config):
     held.append(sharding.global_batch({k: batch[k] for k in ('image', 'image_hw')}, mesh))
@@ -155,7 +142,7 @@ def time_per_image(config, workdir, *, batches=5, warmup=2):
   for i in range(warmup + batches):
     b = held[i % len(held)]
     tick = time.perf_counter()
-    jax.block_until_ready(predict(variables, b['image'], b['image_hw'], anchors))
+    jax.block_until_ready(predict(variables, b['image'], b['image_hw'], anchors[b['image'].shape[1:3]]))
     if i >= warmup:
       total += time.perf_counter() - tick
   return 1000.0 * total / (batches * config.eval.batch_size)

@@ -22,6 +22,8 @@ The order stays ours (scale-major), unlike torchvision's ratio-major order.
 
 import numpy as np
 
+from retina_jax import errors
+
 
 def num_per_location(anchor_config):
   """Anchors per feature-map cell: scales_per_octave * len(ratios).
@@ -47,27 +49,37 @@ def level_counts(canvas_hw, levels, num_per_location):  # pylint: disable=redefi
 
 
 def _check(canvas_hw, levels, sizes, scales_per_octave, ratios):
+  """Raises errors.BadValue, naming the config key, for arguments `generate` cannot use."""
   if len(canvas_hw) != 2 or min(canvas_hw) <= 0:
-    raise ValueError(f'anchors: canvas must be (height, width) > 0, got {canvas_hw!r} (config data.canvas)')
-  if not levels:
-    raise ValueError('anchors: levels is empty (config anchors.levels)')
-  if len(sizes) != len(levels):
-    raise ValueError(
-        f'anchors: {len(sizes)} sizes {tuple(sizes)} for {len(levels)} levels {tuple(levels)}; '
-        'config anchors.sizes needs one size per entry of anchors.levels')
+    raise errors.bad_config('data.canvas', tuple(canvas_hw), 'must be (height, width) > 0')
+  if not levels or list(levels) != sorted(set(levels)) or levels[0] < 1:
+    raise errors.bad_config('anchors.levels', levels, 'must be increasing integers >= 1')
+  if len(sizes) != len(levels) or min(sizes) <= 0:
+    raise errors.bad_config('anchors.sizes', sizes, f'must be {len(levels)} positive sizes, one size per '
+                            f'entry of anchors.levels {levels}')
   if int(scales_per_octave) != scales_per_octave or scales_per_octave < 1:
-    raise ValueError(f'anchors: scales_per_octave must be an integer >= 1, got {scales_per_octave!r}')
+    raise errors.bad_config('anchors.scales_per_octave', scales_per_octave, 'must be an integer >= 1')
   if not ratios or min(ratios) <= 0:
-    raise ValueError(f'anchors: ratios must be non-empty and > 0, got {tuple(ratios)!r} (config anchors.ratios)')
-  if min(sizes) <= 0:
-    raise ValueError(f'anchors: sizes must be > 0, got {tuple(sizes)!r} (config anchors.sizes)')
+    raise errors.bad_config('anchors.ratios', ratios, 'must be positive h/w ratios')
   stride = 2**max(levels)
   if canvas_hw[0] % stride or canvas_hw[1] % stride:
     # The network's stride-2 convolutions would round the feature maps up and the
     # number of anchors would no longer match the heads' outputs.
-    raise ValueError(
-        f'anchors: canvas {tuple(canvas_hw)} (config data.canvas) must be divisible by {stride}, '
-        f'the stride of level {max(levels)}')
+    raise errors.bad_config('anchors.levels', levels, f'the canvas {tuple(canvas_hw)} (config.data.canvas '
+                            f'or data.buckets) must be divisible by {stride}, the stride of level {max(levels)}')
+
+
+def check(config, canvases):
+  """Raises errors.BadValue naming the first bad value of config.anchors.
+
+  Args:
+    config: the run config.
+    canvases: every (H, W) canvas the data pads images to (data.pipeline.canvases).
+  """
+  a = config.anchors
+  errors.check_range('anchors.offset', a.offset, 0.0, 1.0)
+  for canvas in canvases:
+    _check(canvas, tuple(a.levels), tuple(a.sizes), a.scales_per_octave, tuple(a.ratios))
 
 
 def _half_extents(size, scales_per_octave, ratios, integer_sizes):

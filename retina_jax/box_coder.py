@@ -13,6 +13,8 @@ import math
 
 import jax.numpy as jnp
 
+from retina_jax import errors
+
 
 def _centre_size(boxes):
   """[..., 4] (x1, y1, x2, y2) -> centre x, centre y, width, height, each [...]."""
@@ -65,3 +67,11 @@ def decode(deltas, anchors, weights=(1.0, 1.0, 1.0, 1.0), clamp=math.log(1000.0 
   w = jnp.exp(jnp.minimum(deltas[..., 2] / ww, clamp)) * aw
   h = jnp.exp(jnp.minimum(deltas[..., 3] / wh, clamp)) * ah
   return jnp.stack([x - 0.5 * w, y - 0.5 * h, x + 0.5 * w, y + 0.5 * h], axis=-1)
+
+
+def check(config):
+  """Raises errors.BadValue naming the first bad value of config.box_coder."""
+  c = config.box_coder
+  errors.check_range('box_coder.clamp', c.clamp, lo=0.0)
+  if len(c.weights) != 4 or min(c.weights) <= 0:
+    raise errors.bad_config('box_coder.weights', c.weights, 'must be 4 positive weights')

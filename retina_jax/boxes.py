@@ -1,10 +1,13 @@
-"""Box geometry on arrays: area, IoU, clipping and format conversions.
+"""Box geometry on arrays: area, IoU, clipping, greedy NMS and format conversions.
 
 Boxes are (x1, y1, x2, y2) float32 absolute pixels (see retina_jax/__init__.py).
-Every function works on any leading batch shape and runs under jit; the
-conversions also accept numpy arrays and return the same array type.
+Every function runs under jit and, but for `nms` (one image; vmap it), works on
+any leading batch shape; the conversions also accept numpy arrays and return the
+same array type. NMS lives here, not in postprocess.py, because the losses use it
+too (OHEM) and must not depend on inference code.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -63,6 +66,55 @@ def clip(boxes, height, width):
   x = xp.clip(boxes[..., 0::2], 0.0, width)
   y = xp.clip(boxes[..., 1::2], 0.0, height)
   return xp.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], axis=-1)
+
+
+def nms(boxes, scores, iou_thresh, max_out, classes=None):
+  """Greedy non-maximum suppression for one image, with fixed output shapes.
+
+  Repeatedly takes the highest-scoring live box and suppresses the live boxes
+  overlapping it by IoU > iou_thresh. Each step costs one row of IoUs, O(N),
+  and the loop stops after `max_out` boxes or when no box is left, so the work
+  is O(max_out * N) with O(N) memory: no [N, N] IoU matrix, which for N ~ 5000
+  boxes and a batch of images would not fit comfortably. The kept boxes come
+  out in decreasing score order, exactly the first `max_out` boxes that plain
+  greedy NMS keeps. vmap it for a batch.
+
+  Args:
+    boxes: [N, 4] (x1, y1, x2, y2), N >= 1.
+    scores: [N] float; -inf (or NaN) marks a box that is not a candidate.
+    iou_thresh: python float; a box is suppressed when its IoU is above it.
+    max_out: python int, the number of output slots.
+    classes: optional [N] int; when given, only boxes of the same class
+      suppress each other (class-wise NMS without offsetting coordinates,
+      which would cost float32 precision on large offsets).
+  Returns:
+    indices: [max_out] int32 into N, in decreasing score order (0 where invalid).
+    valid: [max_out] bool, True for the kept boxes (a prefix of the slots).
+  """
+  boxes = jnp.asarray(boxes, jnp.float32)
+  scores = jnp.asarray(scores, jnp.float32)
+  if boxes.ndim != 2 or boxes.shape[-1] != 4 or scores.shape != boxes.shape[:1]:
+    raise ValueError(f'nms: boxes must be [N, 4] and scores [N], got {boxes.shape} and {scores.shape}')
+  if boxes.shape[0] == 0:
+    raise ValueError('nms: needs at least one box (N >= 1); mask unwanted boxes with score -inf')
+  live = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
+
+  def alive(state):
+    i, live, _, _ = state
+    return (i < max_out) & (jnp.max(live) > -jnp.inf)
+
+  def keep_best(state):
+    i, live, indices, valid = state
+    j = jnp.argmax(live)
+    overlap = pairwise_iou(boxes[j][None], boxes)[0] > iou_thresh  # [N]
+    if classes is not None:
+      overlap &= classes == classes[j]
+    live = jnp.where(overlap, -jnp.inf, live).at[j].set(-jnp.inf)
+    return i + 1, live, indices.at[i].set(j.astype(jnp.int32)), valid.at[i].set(True)
+
+  init = (jnp.int32(0), live, jnp.zeros((max_out,), jnp.int32), jnp.zeros((max_out,), bool))
+  _, _, indices, valid = jax.lax.while_loop(alive, keep_best, init)
+  return indices, valid
 
 
 def from_tfds(bbox, height, width):

@@ -14,6 +14,10 @@ that every value is finite and that the saved step is the step asked for. When t
 latest step fails to read or to check, resuming or evaluating reports it in one line and
 uses the previous step; training moves the failed step aside (checkpoints_unusable/),
 never deletes it, so that the run can save that step again.
+
+Training resumes the whole state with `restore`; everything else (evaluation,
+prediction, the experiments) reads the model variables alone with `restore_variables`,
+whatever optimizer wrote them.
 """
 
 import contextlib
@@ -31,10 +35,14 @@ from jax.experimental import multihost_utils
 from retina_jax import errors
 
 
+def check_keep(keep):
+  """Raises errors.BadValue unless `keep` (config.train.keep_checkpoints) is at least 1."""
+  errors.check_range('train.keep_checkpoints', keep, lo=1)
+
+
 def make_manager(workdir, keep):
   """A CheckpointManager writing to <workdir>/checkpoints, keeping the last `keep` steps."""
-  if keep < 1:
-    raise errors.BadValue(f'train.keep_checkpoints must be >= 1, got {keep}')
+  check_keep(keep)
   # Synchronous: a save is on disk when save() returns, so SIGTERM and error paths need no waiting.
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
   if '://' not in workdir:
@@ -96,18 +104,32 @@ def restore(manager, target, step=None, set_aside=False):
     errors.BadValue: `step` (or, for the newest, every saved step) cannot be used.
   """
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+
+  def read(s):
+    return manager.restore(s, args=ocp.args.StandardRestore(abstract))
+
+  found = _restore_checked(manager, step, read, set_aside)
+  return None if found is None else found[1]
+
+
+def _restore_checked(manager, step, read, set_aside=False):
+  """`restore`'s choice of step, for any way of reading one: read(step) -> pytree.
+
+  Returns:
+    (the step used, what read returned), or None when there is no checkpoint and step is None / -1.
+  """
   steps = sorted(manager.all_steps(), reverse=True)
   if step is not None and step >= 0:
     if step not in steps:
       raise errors.NotFound(
           f'checkpoint step {step} not found in {manager.directory}; saved steps: {steps[::-1]}')
-    state, reason = _read_checked(manager, step, abstract)
+    state, reason = _read_checked(manager, step, read)
     if reason:
       raise errors.BadValue(f'checkpoint step {step} in {manager.directory} cannot be used: {reason}')
-    return state
+    return step, state
   failed = []
   for s in steps:
-    state, reason = _read_checked(manager, s, abstract)
+    state, reason = _read_checked(manager, s, read)
     if reason is None:
       break
     failed.append((s, reason))
@@ -122,7 +144,7 @@ def restore(manager, target, step=None, set_aside=False):
     where = f'moved to {moved[s]}; ' if s in moved else ''
     logging.warning('checkpoint step %d in %s cannot be used (%s); %susing step %d',
                     s, manager.directory, reason, where, used)
-  return state
+  return used, state
 
 
 @contextlib.contextmanager
@@ -148,12 +170,14 @@ def _reason(error):
   return f'{type(error).__name__}: {line[:240]}'
 
 
-def _read_checked(manager, step, abstract):
-  """(state, None), or (None, why this step cannot be used)."""
+def _read_checked(manager, step, read):
+  """(read(step), None), or (None, why this step cannot be used)."""
   with _quiet_failures():
     try:
-      state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+      state = read(step)
       saved = (manager.metadata(step).custom_metadata or {}).get('fingerprint')
+    except errors.UserError:
+      raise  # the caller's own check failed (e.g. another config's model): no step would do
     except Exception as e:  # pylint: disable=broad-except  # whatever failed, this step is unreadable
       return None, _reason(e)
   reason = verify(state, saved, step)
@@ -208,7 +232,7 @@ def restore_on_one_device(workdir, step=None):
   """Reads a checkpoint as a plain pytree on the first local device, whatever mesh wrote it.
 
   For analysis and tests (e.g. reading a pod's checkpoint on a laptop); training
-  and evaluation restore into their own state with `restore`.
+  restores with `restore`, evaluation with `restore_variables`.
 
   Args:
     workdir: the run directory (its checkpoints/ subdirectory is read).
@@ -233,25 +257,30 @@ def restore_on_one_device(workdir, step=None):
   return step, checkpointer.restore(path, target)
 
 
-def restore_variables(workdir, target, step=None):
-  """Reads only the model variables (params, batch_stats) of a train-state checkpoint.
+def restore_variables(workdir, target, step=None, missing_ok=False):
+  """Reads only the model variables (params, batch_stats) of a train-state checkpoint, checked.
 
-  The optimizer state stays on disk, so evaluation and prediction need neither an
-  optimizer nor the optim.* settings that trained the model. Reads without
-  creating or changing anything in `workdir`.
+  What evaluation, prediction and the experiments read: the optimizer state stays on
+  disk, so they need neither an optimizer nor the optim.* settings that trained the
+  model. The steps are chosen and checked as `restore` does (fingerprints of the
+  variables read, finite values; the newest unusable steps reported and skipped), and
+  nothing in `workdir` is created or changed.
 
   Args:
     workdir: the run directory (its checkpoints/ subdirectory is read).
     target: {'params', 'batch_stats'} of jax.Array or jax.ShapeDtypeStruct (with
-      shardings), e.g. jax.eval_shape of the model's init: the structure, shapes,
-      dtypes and placement to read into.
-    step: the step to read; None or -1 for the latest.
+      shardings), e.g. retinanet.abstract_variables: the structure, shapes, dtypes
+      and placement to read into.
+    step: the step to read; None or -1 for the newest usable one.
+    missing_ok: return None, rather than raise, when workdir has no checkpoint and step
+      is None / -1 (evaluation then falls back to the pretrained weights).
   Returns:
-    (step, variables with the structure of `target`).
+    (step, variables with the structure of `target`), or None (see missing_ok).
   Raises:
-    FileNotFoundError: no checkpoint in workdir, or not the step asked for.
-    ValueError: the saved variables differ from target's (a key or a shape),
-      e.g. a config other than the one that trained the workdir.
+    errors.NotFound: no checkpoint in workdir (unless missing_ok), or `step` was not saved.
+    errors.BadValue: `step` (or, for the newest, every saved step) cannot be used; or the
+      saved variables differ from target's (a key or a shape), e.g. a config other than
+      the one that trained the workdir.
   """
   if '://' not in workdir:
     workdir = os.path.abspath(workdir)  # orbax refuses relative paths
@@ -260,27 +289,30 @@ def restore_variables(workdir, target, step=None):
   # save, the manager writes nothing.
   options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
   manager = ocp.CheckpointManager(directory, item_handlers=ocp.PyTreeCheckpointHandler(), options=options)
-  try:
-    steps = sorted(manager.all_steps())
-    if not steps:
-      raise FileNotFoundError(f'no checkpoint in {directory}')
-    step = steps[-1] if step is None or step < 0 else int(step)
-    if step not in steps:
-      raise FileNotFoundError(f'checkpoint step {step} not found in {directory}; saved steps: {steps}')
-    saved = manager.item_metadata(step)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  # partial_restore: read params and batch_stats, leave opt_state, step, normalizer on disk.
+  args = ocp.args.PyTreeRestore(item=abstract, partial_restore=True,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+
+  def read(s):
+    saved = manager.item_metadata(s)
     saved = getattr(saved, 'tree', saved)  # the metadata tree, whatever orbax wraps it in
-    _check_same_variables(saved, target, f'{directory} step {step}')
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    # partial_restore: read params and batch_stats, leave opt_state, step, normalizer on disk.
-    args = ocp.args.PyTreeRestore(item=abstract, partial_restore=True,
-                                  restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
-    return step, manager.restore(step, args=args)
+    if not saved:
+      raise ValueError('its metadata is missing')  # a damaged step, not another model
+    _check_same_variables(saved, target, f'{directory} step {s}')
+    return manager.restore(s, args=args)
+
+  try:
+    found = _restore_checked(manager, step, read)
   finally:
     manager.close()
+  if found is None and not missing_ok:
+    raise errors.NotFound(f'no checkpoint in {directory}')
+  return found
 
 
 def _check_same_variables(saved, target, where):
-  """Raises ValueError naming the first variable whose key or shape differs."""
+  """Raises errors.BadValue naming the first variable whose key or shape differs."""
   def flat(tree):
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(leaf.shape) for path, leaf in leaves}
@@ -288,12 +320,12 @@ def _check_same_variables(saved, target, where):
   have = flat({k: saved[k] for k in target if k in saved})
   for key, shape in want.items():
     if key not in have:
-      raise ValueError(f'{where}: no variable {key} (the config\'s model has it with shape {shape}); '
-                       'is --config the one that trained this workdir?')
+      raise errors.BadValue(f'{where}: no variable {key} (the config\'s model has it with shape {shape}); '
+                            'is --config the one that trained this workdir?')
     if have[key] != shape:
-      raise ValueError(f'{where}: {key} has shape {have[key]}, the config\'s model {shape}; '
-                       'is --config the one that trained this workdir?')
+      raise errors.BadValue(f'{where}: {key} has shape {have[key]}, the config\'s model {shape}; '
+                            'is --config the one that trained this workdir?')
   extra = sorted(set(have) - set(want))
   if extra:
-    raise ValueError(f'{where}: {len(extra)} saved variables the config\'s model lacks, e.g. {extra[0]}; '
-                     'is --config the one that trained this workdir?')
+    raise errors.BadValue(f'{where}: {len(extra)} saved variables the config\'s model lacks, '
+                          f'e.g. {extra[0]}; is --config the one that trained this workdir?')

@@ -16,24 +16,15 @@ the function compiles once per canvas.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from retina_jax import checkpoint
 from retina_jax import evaluate
+from retina_jax import postprocess
 from retina_jax import sharding
 from retina_jax.data import coco
 from retina_jax.data import pipeline
 from retina_jax.model import retinanet
-
-
-def abstract_variables(config, model, mesh):
-  """The model's {'params', 'batch_stats'} as jax.ShapeDtypeStruct replicated on `mesh`; nothing computed."""
-  h, w = pipeline.canvases(config)[0]
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, h, w, 3)), train=False))
-  variables = {'params': shapes['params'], 'batch_stats': shapes.get('batch_stats', {})}
-  rep = sharding.replicated(mesh)
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), variables)
 
 
 class Detector:
@@ -56,15 +47,9 @@ class Detector:
       mesh: a ('data',) mesh; default all local devices.
       step: where the variables come from, for reports.
     """
+    pipeline.check(config)  # resizing, canvases and classes, as evaluation reads them
+    postprocess.check(config)
     info = pipeline.dataset_info(config)
-    if config.model.num_classes != info.num_classes:
-      raise ValueError(f'config.model.num_classes={config.model.num_classes} must equal the '
-                       f'{info.num_classes} classes of dataset {config.data.dataset!r}')
-    p = config.postprocess
-    if not 0 <= p.score_thresh <= 1:
-      raise ValueError(f'config.postprocess.score_thresh={p.score_thresh!r}: must be in [0, 1]')
-    if p.max_detections < 1:
-      raise ValueError(f'config.postprocess.max_detections={p.max_detections!r}: must be >= 1')
     self.mesh = mesh if mesh is not None else sharding.make_mesh(jax.local_devices())
     self.batch_size = int(config.eval.batch_size)
     if self.batch_size < 1 or self.batch_size % self.mesh.size:
@@ -79,9 +64,9 @@ class Detector:
 
   @classmethod
   def from_workdir(cls, config, workdir, step=None):
-    """The model of checkpoint `step` (None or -1: the latest) of `workdir`; reads params and batch_stats only."""
+    """The model of checkpoint `step` (None or -1: the newest usable) of `workdir`; reads params and batch_stats only."""
     mesh = sharding.make_mesh(jax.local_devices())
-    target = abstract_variables(config, retinanet.build(config), mesh)
+    target = retinanet.abstract_variables(retinanet.build(config), sharding.replicated(mesh))
     step, variables = checkpoint.restore_variables(workdir, target, step)
     return cls(config, variables, mesh=mesh, step=step)
 
@@ -96,7 +81,7 @@ class Detector:
       raise ValueError(f'config.model.pretrained_kind={m.pretrained_kind!r}: an ImageNet backbone has no '
                        "trained detection heads; a whole torchvision RetinaNet needs 'retinanet'")
     mesh = sharding.make_mesh(jax.local_devices())
-    target = abstract_variables(config, retinanet.build(config), mesh)
+    target = retinanet.abstract_variables(retinanet.build(config), sharding.replicated(mesh))
     return cls(config, torchvision_weights.load_torchvision_retinanet(m.pretrained, target, config), mesh=mesh)
 
   def __call__(self, images):

@@ -33,3 +33,32 @@ class MissingPackage(UserError, ImportError):
 
 class Diverged(UserError, FloatingPointError):
   """Training produced a non-finite loss or state; nothing non-finite was saved."""
+
+
+# Config checks. Each module checks the options it uses with these, so that every bad value
+# reads the same: config.<key>=<value>: what is wrong.
+
+
+def bad_config(key, value, what):
+  """BadValue for config.<key>=<value> (key dotted from the config's root, e.g. 'loss.gamma')."""
+  return BadValue(f'config.{key}={value!r}: {what}')
+
+
+def check_choice(key, value, choices):
+  """Raises unless `value` is one of `choices` (a tuple, or a dict from names to what they do)."""
+  if value not in tuple(choices):
+    raise bad_config(key, value, f'must be one of {tuple(choices)}')
+
+
+def check_range(key, value, lo=None, hi=None):
+  """Raises unless `value` is a number in [lo, hi] (None: no bound)."""
+  if not isinstance(value, (int, float)) or isinstance(value, bool):
+    raise bad_config(key, value, 'must be a number')
+  if (lo is not None and value < lo) or (hi is not None and value > hi):
+    raise bad_config(key, value, f'must be in [{lo if lo is not None else "-inf"}, {hi if hi is not None else "inf"}]')
+
+
+def check_positive(key, value):
+  """Raises unless `value` > 0 (a zero would divide, or give an empty schedule)."""
+  if not value > 0:
+    raise bad_config(key, value, 'must be > 0')

@@ -33,14 +33,30 @@ from retina_jax import sharding
 from retina_jax import visualize
 from retina_jax.data import coco
 from retina_jax.data import pipeline
+from retina_jax.model import retinanet
 
 METRICS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')  # COCOeval.stats[0:6]
 
 
-def device_anchors(config, mesh):
-  """{(H, W): anchors [A, 4] replicated on mesh} for every canvas of the config (each bucket)."""
+def device_anchors(config, mesh, canvases=None):
+  """{(H, W): anchors [A, 4] float32 replicated on mesh}, the one place anchors go to the devices.
+
+  Args:
+    config: the run config (anchors.*).
+    mesh: the ('data',) mesh.
+    canvases: (H, W) canvases; default every canvas of the config (one per size bucket).
+  """
   rep = sharding.replicated(mesh)
-  return {c: jax.device_put(anchors_lib.from_config(config, c), rep) for c in pipeline.canvases(config)}
+  canvases = pipeline.canvases(config) if canvases is None else [tuple(c) for c in canvases]
+  return {c: jax.device_put(anchors_lib.from_config(config, c), rep) for c in canvases}
+
+
+def check(config):
+  """Raises errors.BadValue naming the first bad value of config.eval."""
+  e = config.eval
+  errors.check_range('eval.batch_size', e.batch_size, lo=1)
+  errors.check_range('eval.visualize', e.visualize, lo=0)
+  errors.check_range('eval.checkpoint_step', e.checkpoint_step, lo=-1)
 
 
 def make_predict_fn(config, model, mesh):
@@ -220,7 +236,9 @@ def _for_picture(local, dets, meta, n):
 def evaluate_checkpoint(config, workdir, out_dir=None, record=None):
   """Mode 'eval': evaluates checkpoint eval.checkpoint_step (-1 the newest usable) of workdir.
 
-  Without any checkpoint, evaluates the initial (e.g. pretrained) weights as step 0.
+  Reads the model variables only (checkpoint.restore_variables), so the optim.* settings
+  of the eval config need not be training's. Without any checkpoint, evaluates the
+  initial (e.g. pretrained) weights as step 0.
 
   Args:
     config: the eval config.
@@ -228,18 +246,15 @@ def evaluate_checkpoint(config, workdir, out_dir=None, record=None):
     out_dir: where eval_<step>.json and detections_<step>.png go (default: workdir).
     record: more entries for eval_<step>.json.
   """
-  from retina_jax import train
-  from retina_jax.model import retinanet
   coco_gt = ground_truth(config)  # inputs checked before anything compiles
   mesh = sharding.make_mesh()
   model = retinanet.build(config)
-  state, _ = train.create_train_state(config, model, mesh)
-  manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
-  restored = checkpoint.restore(manager, state, config.eval.checkpoint_step)
-  manager.close()
+  rep = sharding.replicated(mesh)
+  restored = checkpoint.restore_variables(
+      workdir, retinanet.abstract_variables(model, rep), config.eval.checkpoint_step, missing_ok=True)
   if restored is None and not config.model.pretrained:
     raise errors.NotFound(f'no checkpoint in {workdir}/checkpoints and no config.model.pretrained to evaluate')
-  state = state if restored is None else restored
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  return evaluate(config, model, variables, mesh, int(state.step), out_dir or workdir,
-                  coco_gt=coco_gt, record=record)
+  if restored is None:
+    restored = 0, jax.device_put(retinanet.init_variables(config, model, jax.random.key(config.seed)), rep)
+  step, variables = restored
+  return evaluate(config, model, variables, mesh, step, out_dir or workdir, coco_gt=coco_gt, record=record)

@@ -26,7 +26,6 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
-import numpy as np
 
 from configs import base
 from retina_jax import errors
@@ -47,43 +46,7 @@ _TRACEBACK = flags.DEFINE_bool('traceback', False, 'Show tracebacks of errors a 
 
 PREEMPTED_STATUS = 128 + 15  # what a shell reports for a process ended by SIGTERM
 
-_ENUMS = {
-    'mode': ('train', 'eval', 'train_eval'),
-    'data.dataset': ('coco', 'shapes'),
-    'model.pretrained_kind': ('backbone', 'retinanet'),
-    'loss.cls': ('focal', 'ohem'),
-    'loss.box': ('smooth_l1', 'l1', 'giou'),
-    'loss.normalizer': ('global', 'running'),
-}
-
-# key -> (low, high, what); None is an open end; the checks are inclusive.
-_RANGES = {
-    'data.min_size': (1, None), 'data.max_size': (1, None), 'data.max_boxes': (1, None),
-    'data.shuffle_buffer': (1, None), 'data.eval_images': (0, None),
-    'data.shapes.image_size': (32, None), 'data.shapes.num_train': (1, None),
-    'data.shapes.num_val': (1, None), 'data.shapes.max_objects': (1, None),
-    'data.shapes.min_object_size': (1, None),
-    'anchors.scales_per_octave': (1, None), 'anchors.offset': (0.0, 1.0),
-    'model.head_convs': (0, None),
-    'matching.fg_iou': (0.0, 1.0), 'matching.bg_iou': (0.0, 1.0),
-    'box_coder.clamp': (0.0, None),
-    # loss.alpha: negative means no alpha weighting.
-    'loss.alpha': (None, 1.0), 'loss.gamma': (0.0, None), 'loss.beta': (0.0, None),
-    'loss.box_weight': (0.0, None), 'loss.normalizer_momentum': (0.0, 1.0),
-    'loss.ohem_batch': (1, None), 'loss.ohem_nms': (0.0, 1.0), 'loss.ohem_neg_pos': (0.0, None),
-    'postprocess.score_thresh': (0.0, 1.0), 'postprocess.topk_per_level': (1, None),
-    'postprocess.nms_iou': (0.0, 1.0), 'postprocess.max_detections': (1, None),
-    'optim.base_batch': (1, None), 'optim.momentum': (0.0, 1.0), 'optim.weight_decay': (0.0, None),
-    'optim.warmup_steps': (0, None), 'optim.warmup_factor': (0.0, 1.0),
-    'optim.decay_factor': (0.0, 1.0), 'optim.grad_clip': (0.0, None),
-    'train.batch_size': (1, None), 'train.steps': (1, None), 'train.log_every': (1, None),
-    'train.checkpoint_every': (1, None), 'train.keep_checkpoints': (1, None),
-    'train.eval_every': (0, None), 'eval.batch_size': (1, None), 'eval.visualize': (0, None),
-    'eval.checkpoint_step': (-1, None),
-}
-
-# Strictly positive (a zero would divide or produce an empty model).
-_POSITIVE = ('optim.base_lr', 'train.schedule', 'loss.normalizer_init')
+_MODES = ('train', 'eval', 'train_eval')  # what `run` does: evaluate a checkpoint, or train
 
 
 def _flat(config, prefix=''):
@@ -96,10 +59,6 @@ def _flat(config, prefix=''):
   return out
 
 
-def _fail(key, value, what):
-  raise errors.BadValue(f'config.{key}={value!r}: {what}')
-
-
 def _non_finite(value):
   values = value if isinstance(value, (tuple, list)) else (value,)
   return any(isinstance(v, float) and not math.isfinite(v) for v in values)
@@ -108,88 +67,54 @@ def _non_finite(value):
 def validate(config, num_devices=1, num_processes=1):
   """Checks every key of the config; raises errors.BadValue naming the first bad one.
 
+  Each module checks the options it uses (its `check`); here are the checks of the whole
+  config: no unknown key, every float finite, batches that split over devices and processes.
+
   Args:
     config: the run config.
     num_devices: devices of the mesh (global batches must split over them).
     num_processes: processes of the run (each feeds an equal slice).
   """
+  from retina_jax import anchors
+  from retina_jax import box_coder
+  from retina_jax import evaluate
+  from retina_jax import losses
+  from retina_jax import matching
+  from retina_jax import optim
+  from retina_jax import postprocess
+  from retina_jax import train
+  from retina_jax.data import pipeline
+  from retina_jax.model import retinanet
+  from retina_jax.model import torchvision_weights
+
   flat, known = _flat(config), _flat(base.get_config())
   for key in flat:
     if key not in known:
-      _fail(key, flat[key], 'unknown key (configs/base.py lists every key)')
-    # inf passes every range check below (inf > 0) and would surface as a non-finite loss.
+      raise errors.bad_config(key, flat[key], 'unknown key (configs/base.py lists every key)')
+    # inf passes every range check (inf > 0) and would surface as a non-finite loss.
     if _non_finite(flat[key]):
-      _fail(key, flat[key], 'must be finite')
-  for key, values in _ENUMS.items():
-    if flat[key] not in values:
-      _fail(key, flat[key], f'must be one of {values}')
-  for key, (lo, hi) in _RANGES.items():
-    v = flat[key]
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
-      _fail(key, v, 'must be a number')
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-      _fail(key, v, f'must be in [{lo if lo is not None else "-inf"}, {hi if hi is not None else "inf"}]')
-  for key in _POSITIVE:
-    if not flat[key] > 0:
-      _fail(key, flat[key], 'must be > 0')
-
-  canvas = tuple(flat['data.canvas'])
-  if len(canvas) != 2 or any(not isinstance(s, int) or s <= 0 or s % 128 for s in canvas):
-    _fail('data.canvas', canvas, 'must be (H, W), positive integers divisible by 128')
-  if flat['data.max_size'] < flat['data.min_size']:
-    _fail('data.max_size', flat['data.max_size'], f'must be >= data.min_size ({flat["data.min_size"]})')
-  lo, hi = flat['data.scale_jitter']
-  if not 0 < lo <= hi:
-    _fail('data.scale_jitter', flat['data.scale_jitter'], 'must be (lo, hi) with 0 < lo <= hi')
-  canvases = [canvas]
-  if flat['data.use_buckets']:
-    from retina_jax.data import buckets
-    buckets.check(flat['data.buckets'], flat['data.min_size'] * max(1.0, hi), flat['data.max_size'])
-    canvases = buckets.canonical(flat['data.buckets'])
-  for key in ('data.mean', 'data.std'):
-    if len(flat[key]) != 3:
-      _fail(key, flat[key], 'must have 3 values (RGB)')
-  if min(flat['data.std']) <= 0:
-    _fail('data.std', flat['data.std'], 'must be > 0')
-
-  levels, sizes = tuple(flat['anchors.levels']), tuple(flat['anchors.sizes'])
-  if not levels or list(levels) != sorted(set(levels)) or levels[0] < 1:
-    _fail('anchors.levels', levels, 'must be increasing integers >= 1')
-  for c in canvases:
-    if 2 ** levels[-1] > min(c):
-      _fail('anchors.levels', levels, f'stride 2**{levels[-1]} exceeds the canvas {c}')
-  if len(sizes) != len(levels) or min(sizes) <= 0:
-    _fail('anchors.sizes', sizes, f'must be {len(levels)} positive sizes, one per level')
-  if not flat['anchors.ratios'] or min(flat['anchors.ratios']) <= 0:
-    _fail('anchors.ratios', flat['anchors.ratios'], 'must be positive h/w ratios')
-
-  if flat['matching.bg_iou'] > flat['matching.fg_iou']:
-    _fail('matching.bg_iou', flat['matching.bg_iou'],
-          f'must be <= matching.fg_iou ({flat["matching.fg_iou"]})')
-  if len(flat['box_coder.weights']) != 4 or min(flat['box_coder.weights']) <= 0:
-    _fail('box_coder.weights', flat['box_coder.weights'], 'must be 4 positive weights')
-  lr = flat['optim.base_lr'] * flat['train.batch_size'] / flat['optim.base_batch']
-  if not np.isfinite(np.float32(lr)):
-    _fail('optim.base_lr', flat['optim.base_lr'], f'gives a learning rate of {lr:g} at train.batch_size '
-          f'{flat["train.batch_size"]} (times batch_size / optim.base_batch), beyond float32')
-  if flat['optim.momentum'] >= 1:
-    _fail('optim.momentum', flat['optim.momentum'], 'must be in [0, 1)')
-  decays = list(flat['optim.decay_steps'])
-  if decays != sorted(decays) or any(d < 0 for d in decays):
-    _fail('optim.decay_steps', tuple(decays), 'must be increasing non-negative steps')
-
+      raise errors.bad_config(key, flat[key], 'must be finite')
+  errors.check_choice('mode', config.mode, _MODES)
+  pipeline.check(config)
+  anchors.check(config, pipeline.canvases(config))
   # The model's keys (backbone names, widths, freeze_at, prior, norm, dtype) are checked
   # where they are used, so a new backbone is added in one place.
-  from retina_jax.model import retinanet
   try:
     retinanet.build(config)
   except ValueError as e:  # build's messages name the config key
     raise errors.BadValue(str(e)) from e
-
+  torchvision_weights.check(config)
+  matching.check(config)
+  box_coder.check(config)
+  losses.check(config)
+  postprocess.check(config)
+  optim.check(config)
+  train.check(config)
+  evaluate.check(config)
   for key in ('train.batch_size', 'eval.batch_size'):
     if flat[key] % num_devices or flat[key] % num_processes:
-      _fail(key, flat[key], f'must be divisible by the device count ({num_devices}) '
-            f'and the process count ({num_processes})')
+      raise errors.bad_config(key, flat[key], f'must be divisible by the device count ({num_devices}) '
+                              f'and the process count ({num_processes})')
 
 
 def _exit(message, status=1):

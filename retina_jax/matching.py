@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from retina_jax import box_coder
 from retina_jax import boxes as boxes_lib
+from retina_jax import errors
 
 
 def _check(anchors, gt_boxes, gt_classes, gt_crowd, fg_iou, bg_iou):
@@ -39,8 +40,21 @@ def _check(anchors, gt_boxes, gt_classes, gt_crowd, fg_iou, bg_iou):
     raise ValueError(f'matching: gt_classes must be [B, M] = {gt_boxes.shape[:2]}, got shape {gt_classes.shape}')
   if gt_crowd is not None and gt_crowd.shape != gt_boxes.shape[:2]:
     raise ValueError(f'matching: gt_crowd must be [B, M] = {gt_boxes.shape[:2]}, got shape {gt_crowd.shape}')
-  if isinstance(fg_iou, (int, float)) and isinstance(bg_iou, (int, float)) and bg_iou > fg_iou:
-    raise ValueError(f'matching: bg_iou {bg_iou} > fg_iou {fg_iou} (config matching.bg_iou / matching.fg_iou)')
+  if isinstance(fg_iou, (int, float)) and isinstance(bg_iou, (int, float)):  # not traced
+    _check_thresholds(fg_iou, bg_iou)
+
+
+def _check_thresholds(fg_iou, bg_iou):
+  if bg_iou > fg_iou:
+    raise errors.bad_config('matching.bg_iou', bg_iou, f'must be <= matching.fg_iou ({fg_iou})')
+
+
+def check(config):
+  """Raises errors.BadValue naming the first bad value of config.matching."""
+  m = config.matching
+  errors.check_range('matching.fg_iou', m.fg_iou, 0.0, 1.0)
+  errors.check_range('matching.bg_iou', m.bg_iou, 0.0, 1.0)
+  _check_thresholds(m.fg_iou, m.bg_iou)
 
 
 def _match_image(anchors, gt_boxes, gt_classes, gt_crowd, fg_iou, bg_iou, low_quality):

@@ -8,7 +8,10 @@ meaning on any batch size or schedule length:
 """
 
 import jax
+import numpy as np
 import optax
+
+from retina_jax import errors
 
 
 def peak_learning_rate(config):
@@ -58,3 +61,28 @@ def make_optimizer(config, trainable):
   labels = jax.tree.map(lambda t: 'train' if t else 'frozen', trainable)
   return optax.multi_transform(
       {'train': optax.chain(*chain), 'frozen': optax.set_to_zero()}, labels)
+
+
+def check(config):
+  """Raises errors.BadValue naming the first bad value of config.optim or of the train.* it reads."""
+  o, t = config.optim, config.train
+  errors.check_positive('optim.base_lr', o.base_lr)
+  errors.check_range('optim.base_batch', o.base_batch, lo=1)
+  errors.check_range('optim.momentum', o.momentum, 0.0, 1.0)
+  if o.momentum >= 1:
+    raise errors.bad_config('optim.momentum', o.momentum, 'must be in [0, 1)')
+  errors.check_range('optim.weight_decay', o.weight_decay, lo=0.0)
+  errors.check_range('optim.warmup_steps', o.warmup_steps, lo=0)
+  errors.check_range('optim.warmup_factor', o.warmup_factor, 0.0, 1.0)
+  errors.check_range('optim.decay_factor', o.decay_factor, 0.0, 1.0)
+  errors.check_range('optim.grad_clip', o.grad_clip, lo=0.0)
+  decays = list(o.decay_steps)
+  if decays != sorted(decays) or any(d < 0 for d in decays):
+    raise errors.bad_config('optim.decay_steps', tuple(decays), 'must be increasing non-negative steps')
+  errors.check_range('train.batch_size', t.batch_size, lo=1)
+  errors.check_range('train.steps', t.steps, lo=1)
+  errors.check_positive('train.schedule', t.schedule)
+  lr = peak_learning_rate(config)
+  if not np.isfinite(np.float32(lr)):
+    raise errors.bad_config('optim.base_lr', o.base_lr, f'gives a learning rate of {lr:g} at train.batch_size '
+                            f'{t.batch_size} (times batch_size / optim.base_batch), beyond float32')

@@ -13,56 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from retina_jax import box_coder
-from retina_jax import boxes as box_ops
-
-
-def nms(boxes, scores, iou_thresh, max_out, classes=None):
-  """Greedy non-maximum suppression for one image, with fixed output shapes.
-
-  Repeatedly takes the highest-scoring live box and suppresses the live boxes
-  overlapping it by IoU > iou_thresh. Each step costs one row of IoUs, O(N),
-  and the loop stops after `max_out` boxes or when no box is left, so the work
-  is O(max_out * N) with O(N) memory: no [N, N] IoU matrix, which for N ~ 5000
-  boxes and a batch of images would not fit comfortably. The kept boxes come
-  out in decreasing score order, exactly the first `max_out` boxes that plain
-  greedy NMS keeps. vmap it for a batch.
-
-  Args:
-    boxes: [N, 4] (x1, y1, x2, y2), N >= 1.
-    scores: [N] float; -inf (or NaN) marks a box that is not a candidate.
-    iou_thresh: python float; a box is suppressed when its IoU is above it.
-    max_out: python int, the number of output slots.
-    classes: optional [N] int; when given, only boxes of the same class
-      suppress each other (class-wise NMS without offsetting coordinates,
-      which would cost float32 precision on large offsets).
-  Returns:
-    indices: [max_out] int32 into N, in decreasing score order (0 where invalid).
-    valid: [max_out] bool, True for the kept boxes (a prefix of the slots).
-  """
-  boxes = jnp.asarray(boxes, jnp.float32)
-  scores = jnp.asarray(scores, jnp.float32)
-  if boxes.ndim != 2 or boxes.shape[-1] != 4 or scores.shape != boxes.shape[:1]:
-    raise ValueError(f'nms: boxes must be [N, 4] and scores [N], got {boxes.shape} and {scores.shape}')
-  if boxes.shape[0] == 0:
-    raise ValueError('nms: needs at least one box (N >= 1); mask unwanted boxes with score -inf')
-  live = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
-
-  def alive(state):
-    i, live, _, _ = state
-    return (i < max_out) & (jnp.max(live) > -jnp.inf)
-
-  def keep_best(state):
-    i, live, indices, valid = state
-    j = jnp.argmax(live)
-    overlap = box_ops.pairwise_iou(boxes[j][None], boxes)[0] > iou_thresh  # [N]
-    if classes is not None:
-      overlap &= classes == classes[j]
-    live = jnp.where(overlap, -jnp.inf, live).at[j].set(-jnp.inf)
-    return i + 1, live, indices.at[i].set(j.astype(jnp.int32)), valid.at[i].set(True)
-
-  init = (jnp.int32(0), live, jnp.zeros((max_out,), jnp.int32), jnp.zeros((max_out,), bool))
-  _, _, indices, valid = jax.lax.while_loop(alive, keep_best, init)
-  return indices, valid
+from retina_jax import boxes as boxes_lib
+from retina_jax import errors
 
 
 def _level_candidates(logits, best, deltas, anchors, start, count, topk, score_thresh, weights, clamp):
@@ -134,11 +86,11 @@ def postprocess(logits, deltas, anchors, level_counts, image_hw, *, score_thresh
     start += count
   boxes, scores, classes = (jnp.concatenate(p, axis=1) for p in zip(*parts))  # [B, N, ...]
   image_hw = jnp.asarray(image_hw, jnp.float32)
-  boxes = box_ops.clip(boxes, image_hw[:, :1], image_hw[:, 1:])
-  scores = jnp.where(box_ops.area(boxes) > 0, scores, -jnp.inf)
+  boxes = boxes_lib.clip(boxes, image_hw[:, :1], image_hw[:, 1:])
+  scores = jnp.where(boxes_lib.area(boxes) > 0, scores, -jnp.inf)
 
   def one_image(b, s, c):
-    return nms(b, s, nms_iou, max_detections, classes=c)
+    return boxes_lib.nms(b, s, nms_iou, max_detections, classes=c)
 
   keep, valid = jax.vmap(one_image)(boxes, scores, classes)  # [B, D]
   take = lambda x: jnp.take_along_axis(x, keep, axis=1)
@@ -148,3 +100,12 @@ def postprocess(logits, deltas, anchors, level_counts, image_hw, *, score_thresh
       classes=jnp.where(valid, take(classes), -1),
       valid=valid,
   )
+
+
+def check(config):
+  """Raises errors.BadValue naming the first bad value of config.postprocess."""
+  p = config.postprocess
+  errors.check_range('postprocess.score_thresh', p.score_thresh, 0.0, 1.0)
+  errors.check_range('postprocess.topk_per_level', p.topk_per_level, lo=1)
+  errors.check_range('postprocess.nms_iou', p.nms_iou, 0.0, 1.0)
+  errors.check_range('postprocess.max_detections', p.max_detections, lo=1)

@@ -43,7 +43,6 @@ from retina_jax import checkpoint
 from retina_jax import errors
 from retina_jax import evaluate
 from retina_jax import losses
-from retina_jax import matching
 from retina_jax import metric_writer
 from retina_jax import optim
 from retina_jax import sharding
@@ -70,27 +69,13 @@ class TrainState:
   normalizer: jax.Array
 
 
-def init_variables(config, model, rng):
-  """Model variables (the same for every canvas), with pretrained weights when configured."""
-  h, w = pipeline.canvases(config)[0]
-  variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, h, w, 3), jnp.float32), train=False))(rng)
-  variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
-  if config.model.pretrained:
-    from retina_jax.model import torchvision_weights
-    if config.model.pretrained_kind == 'backbone':
-      variables = torchvision_weights.load_torchvision_backbone(config.model.pretrained, variables, config)
-    else:
-      variables = torchvision_weights.load_torchvision_retinanet(config.model.pretrained, variables, config)
-  return variables
-
-
 def create_train_state(config, model, mesh):
   """A fresh state (step 0) replicated over the mesh, and the optimizer.
 
   Returns:
     (TrainState, optax.GradientTransformation).
   """
-  variables = init_variables(config, model, jax.random.key(config.seed))
+  variables = retinanet.init_variables(config, model, jax.random.key(config.seed))
   tx = optim.make_optimizer(config, retinanet.trainable_mask(variables['params'], config))
   state = TrainState(
       step=jnp.zeros((), jnp.int32),
@@ -99,6 +84,15 @@ def create_train_state(config, model, mesh):
       opt_state=tx.init(variables['params']),
       normalizer=jnp.asarray(config.loss.normalizer_init, jnp.float32))
   return jax.device_put(state, sharding.replicated(mesh)), tx
+
+
+def check(config):
+  """Raises errors.BadValue naming the first bad loop setting of config.train (optim checks the schedule's)."""
+  t = config.train
+  errors.check_range('train.log_every', t.log_every, lo=1)
+  errors.check_range('train.checkpoint_every', t.checkpoint_every, lo=1)
+  errors.check_range('train.eval_every', t.eval_every, lo=0)
+  checkpoint.check_keep(t.keep_checkpoints)
 
 
 def compute_gradients(state, batch, anchors, *, model, config):
@@ -113,19 +107,7 @@ def compute_gradients(state, batch, anchors, *, model, config):
   Returns:
     (grads like state.params, metrics dict of scalars, new batch_stats, new normalizer).
   """
-  m = config.matching
-  weights = tuple(config.box_coder.weights)
-  targets = matching.assign(
-      anchors, batch['boxes'], batch['classes'], fg_iou=m.fg_iou, bg_iou=m.bg_iou,
-      low_quality=m.low_quality, weights=weights)
-  normalizer = None
-  new_normalizer = state.normalizer
-  if config.loss.normalizer == 'running':
-    # detectron2 feeds the average max(num_pos, 1): a batch without objects still counts once.
-    num_pos = jnp.sum(targets['labels'] == 1).astype(jnp.float32)
-    new_normalizer = losses.update_running_normalizer(
-        state.normalizer, jnp.maximum(num_pos, 1.0), config.loss.normalizer_momentum)
-    normalizer = new_normalizer
+  loss_options = losses.kwargs_from_config(config)
   train_bn = not config.model.freeze_bn
 
   def loss_fn(params):
@@ -136,14 +118,14 @@ def compute_gradients(state, batch, anchors, *, model, config):
     else:
       outputs = model.apply(variables, batch['image'], train=True)
       batch_stats = state.batch_stats
-    out = losses.retinanet_loss(outputs, targets, anchors, config.loss, weights=weights,
-                                normalizer=normalizer)
-    return out['loss'], (out, batch_stats)
+    loss, metrics, normalizer = losses.detection_loss(
+        outputs['logits'], outputs['deltas'], anchors, batch['boxes'], batch['classes'],
+        running_normalizer=state.normalizer, **loss_options)
+    return loss, (metrics, batch_stats, normalizer)
 
-  grads, (out, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
-  metrics = {k: out[k] for k in ('loss', 'cls_loss', 'box_loss', 'num_pos')}
+  grads, (metrics, batch_stats, normalizer) = jax.grad(loss_fn, has_aux=True)(state.params)
   metrics['grad_norm'] = optax.tree.norm(grads)
-  return grads, metrics, batch_stats, new_normalizer
+  return grads, metrics, batch_stats, normalizer
 
 
 def all_finite(tree):
@@ -181,14 +163,46 @@ def make_train_step(config, model, tx, mesh):
   return jax.jit(step, in_shardings=(rep, split, rep), out_shardings=(rep, rep), donate_argnums=0)
 
 
-class Progress:
-  """Reads each step's metrics, checks them, shows them and has them written (process 0 writes).
+def read_metrics(metrics):
+  """One step's metrics on the host (waits for that step only).
 
-  To the progress bar and, through metric_writer, to TensorBoard and <workdir>/metrics.jsonl.
+  Args:
+    metrics: train_step's dict of device scalars.
+  Returns:
+    (dict of floats without 'all_finite', whether the loss and the state after the step are finite).
+  """
+  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  finite_state = bool(values.pop('all_finite', True))
+  return values, finite_state and bool(np.isfinite(values['loss']))
+
+
+def diverged_message(step, metrics, manager):
+  """What errors.Diverged says: the step, what is not finite, and the last good checkpoint.
+
+  Args:
+    step: the step whose loss or state is not finite.
+    metrics: its read_metrics values.
+    manager: the run's checkpoint manager (every state it saved is finite).
+  """
+  if not np.isfinite(metrics['loss']):
+    what = f'non-finite loss {metrics["loss"]}'
+  else:
+    what = (f'non-finite parameters or optimizer state (loss {metrics["loss"]:.3g}, '
+            f'gradient norm {metrics.get("grad_norm", float("nan")):.3g})')
+  last = checkpoint.latest_step(manager)
+  kept = f'none saved yet in {manager.directory}' if last is None else f'step {last} in {manager.directory}'
+  return f'{what} at step {step}; the last good checkpoint: {kept} (a non-finite state is never saved)'
+
+
+class Progress:
+  """Shows each step's metrics and has them written (only process 0 shows or writes).
+
+  To the progress bar and, through metric_writer, to TensorBoard and <workdir>/metrics.jsonl,
+  with the throughput since the previous step and, at logged steps, the input statistics.
   """
 
-  def __init__(self, config, workdir, manager, start, data_stats, lead):
-    self.config, self.workdir, self.manager, self.data_stats = config, workdir, manager, data_stats
+  def __init__(self, config, workdir, start, data_stats, lead):
+    self.config, self.data_stats = config, data_stats
     total, _, _ = optim.scaled_steps(config)
     # In a job log (no terminal) a redraw per step would flood the file: redraw every 30 s there.
     self.bar = tqdm.tqdm(total=total, initial=start, disable=not lead, desc='train', dynamic_ncols=True,
@@ -196,17 +210,8 @@ class Progress:
     self.tick = time.perf_counter()
     self.writer = metric_writer.MetricWriter(workdir, start, lead)
 
-  def record(self, step, metrics):
-    """Reads one step's metrics from the device (waiting for that step only).
-
-    Raises:
-      errors.Diverged: the loss or the state after the step is not finite; names the step
-        and the last checkpoint, which (like every saved state) is finite.
-    """
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    finite_state = bool(metrics.pop('all_finite', True))
-    if not (finite_state and np.isfinite(metrics['loss'])):
-      raise errors.Diverged(self._diverged(step, metrics))
+  def write(self, step, metrics):
+    """Shows and writes one step's metrics (read_metrics' floats)."""
     now = time.perf_counter()
     metrics['images_per_s'] = self.config.train.batch_size / (now - self.tick)
     self.tick = now
@@ -217,19 +222,6 @@ class Progress:
                            lr=f'{metrics["lr"]:.2g}')
     self.bar.update(1)
     self.writer.write(step, metrics, flush_tensorboard=log)
-
-  def _diverged(self, step, metrics):
-    if not np.isfinite(metrics['loss']):
-      what = f'non-finite loss {metrics["loss"]}'
-    else:
-      what = (f'non-finite parameters or optimizer state (loss {metrics["loss"]:.3g}, '
-              f'gradient norm {metrics.get("grad_norm", float("nan")):.3g})')
-    last = checkpoint.latest_step(self.manager) if self.manager is not None else None
-    if last is None:
-      kept = f'none saved yet in {self.workdir}'
-    else:
-      kept = f'step {last} in {self.manager.directory}'
-    return f'{what} at step {step}; the last good checkpoint: {kept} (a non-finite state is never saved)'
 
   def close(self):
     self.bar.close()
@@ -303,7 +295,7 @@ def train_and_evaluate(config, workdir):
   predict = evaluate.make_predict_fn(config, model, mesh)
   data_stats = pipeline.DataStats()
   batches = _local_train_batches(config, start, data_stats)
-  progress = Progress(config, workdir, manager, start, data_stats, jax.process_index() == 0)
+  progress = Progress(config, workdir, start, data_stats, jax.process_index() == 0)
   stop = _StopSignal()
   result = None
   pending = None  # (step, its metrics still on the device)
@@ -312,19 +304,24 @@ def train_and_evaluate(config, workdir):
       local = next(batches)
       batch = sharding.global_batch({k: local[k] for k in ('image', 'boxes', 'classes')}, mesh)
       state, metrics = step_fn(state, batch, anchors[local['image'].shape[1:3]])
-      # The previous step's metrics are read only now, with this step already queued
-      # behind it, so the device does not wait for the host between steps.
-      if pending is not None:
-        progress.record(*pending)
-      pending = (step, metrics)
       # One collective among processes: checked at logged steps only.
       stopping = step % config.train.log_every == 0 and stop.any_process()
       every = config.train.eval_every
       evaluating = config.mode == 'train_eval' and ((every and step % every == 0) or step == total)
       saving = step % config.train.checkpoint_every == 0 or step == total or stopping
+      # The previous step's metrics are read only now, with this step already queued
+      # behind it, so the device does not wait for the host between steps; this step's
+      # are read at once when its state is to be saved or evaluated, which needs them finite.
+      ready = [pending] if pending is not None else []
+      pending = (step, metrics)
       if saving or evaluating:
-        progress.record(*pending)  # a state is saved or evaluated only after its loss is checked
+        ready.append(pending)
         pending = None
+      for done, device_metrics in ready:
+        values, finite = read_metrics(device_metrics)
+        if not finite:
+          raise errors.Diverged(diverged_message(done, values, manager))
+        progress.write(done, values)
       if saving:
         checkpoint.save(manager, step, state)
       if stopping:

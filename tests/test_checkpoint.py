@@ -212,3 +212,60 @@ def test_a_step_without_its_metadata_is_reported_and_the_previous_one_used(tmp_p
   assert int(restored.step) == 2
   assert 'checkpoint step 4' in caplog.text and 'using step 2' in caplog.text
   manager.close()
+
+
+# Evaluation reads the model variables alone (restore_variables), checked as a resumed state is.
+
+def _big_train_state(value):
+  """A train state's layout, its variables large enough that orbax writes compressed data files."""
+  return {'step': jnp.asarray(value, jnp.int32),
+          'params': {'w': jnp.arange(4000.0).reshape(40, 100) * value, 'b': jnp.full((7,), float(value))},
+          'batch_stats': {'mean': jnp.arange(5.0) + value},
+          'opt_state': ({'trace': {'b': jnp.zeros((7,))}},), 'normalizer': jnp.asarray(100.0)}
+
+
+def _big_variables(value):
+  state = _big_train_state(value)
+  return {'params': state['params'], 'batch_stats': state['batch_stats']}
+
+
+def _two_train_states(tmp_path, later=None):
+  manager = checkpoint.make_manager(str(tmp_path), keep=3)
+  checkpoint.save(manager, 2, _big_train_state(2))
+  checkpoint.save(manager, 4, later if later is not None else _big_train_state(4))
+  manager.close()
+  return str(tmp_path / 'checkpoints')
+
+
+@pytest.mark.parametrize('damage, reason', [
+    (_truncate, 'ValueError: OUT_OF_RANGE'),
+    (_flip_bytes, 'differ from what was saved'),
+])
+def test_evaluation_reports_a_damaged_latest_step_and_reads_the_previous_one(tmp_path, caplog, damage, reason):
+  directory = _two_train_states(tmp_path)
+  damage(_largest_data_file(directory, 4))
+  target = jax.eval_shape(lambda: _big_variables(0))
+  step, variables = checkpoint.restore_variables(str(tmp_path), target)
+  assert step == 2
+  jax.tree.map(np.testing.assert_array_equal, variables, _big_variables(2))
+  warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert len(warnings) == 1 and '\n' not in warnings[0], warnings
+  assert warnings[0].startswith(f'checkpoint step 4 in {directory} cannot be used (') and reason in warnings[0]
+  assert warnings[0].endswith('; using step 2')
+  assert sorted(os.listdir(directory)) == ['2', '4']  # only read: nothing moved
+  with pytest.raises(ValueError, match=r'^checkpoint step 4 in .* cannot be used: '):
+    checkpoint.restore_variables(str(tmp_path), target, step=4)  # asked for by number: no fallback
+
+
+def test_evaluation_skips_non_finite_variables_and_needs_a_checkpoint(tmp_path, caplog):
+  nan = _big_train_state(4)
+  nan['batch_stats']['mean'] = nan['batch_stats']['mean'].at[1].set(jnp.nan)
+  _two_train_states(tmp_path, later=nan)  # as versions before issue 12 could save
+  target = jax.eval_shape(lambda: _big_variables(0))
+  assert checkpoint.restore_variables(str(tmp_path), target)[0] == 2
+  assert 'checkpoint step 4' in caplog.text and 'non-finite' in caplog.text
+  with pytest.raises(ValueError, match='step 4 .* cannot be used: it holds non-finite values'):
+    checkpoint.restore_variables(str(tmp_path), target, step=4)
+  assert checkpoint.restore_variables(str(tmp_path / 'empty'), target, missing_ok=True) is None
+  with pytest.raises(FileNotFoundError, match=r'step 3 not found'):
+    checkpoint.restore_variables(str(tmp_path / 'empty'), target, step=3, missing_ok=True)

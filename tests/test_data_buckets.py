@@ -17,9 +17,9 @@ STEPS = 120  # 10 epochs of 48 images in batches of 4
 
 
 @pytest.fixture(scope='module')
-def config(tmp_path_factory):
+def config(tfds_dir):
   c = shapes.get_config('tiny,buckets')
-  c.data.data_dir = str(tmp_path_factory.mktemp('tfds'))
+  c.data.data_dir = tfds_dir
   c.data.shapes.image_size = 96  # COCO's 640 px: 4:3 images are 72 x 96, resized to 128 x 171
   c.data.shapes.num_train = 48
   c.data.shapes.num_val = 12

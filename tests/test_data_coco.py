@@ -282,10 +282,8 @@ def test_bad_annotation_files_are_named(tmp_path, capsys):
   assert capsys.readouterr().out == ''  # pycocotools' "creating index..." stays out of the progress bar
 
 
-def test_a_wrong_split_name_is_named_with_the_splits_there_are(tmp_path):
-  from configs import shapes as shapes_config
-  config = shapes_config.get_config('tiny')
-  config.data.data_dir = str(tmp_path)
+def test_a_wrong_split_name_is_named_with_the_splits_there_are(tiny_config):
+  config = tiny_config
   config.data.eval_split = 'valdation'
   with pytest.raises(ValueError, match=r"^config\.data\.eval_split='valdation': Unknown split 'valdation'\. "
                      r"Should be one of \['train', 'validation'\]"):

@@ -7,21 +7,16 @@ import pytest
 import tensorflow as tf
 
 from configs import base
-from retina_jax import boxes as box_lib
+from retina_jax import boxes as boxes_lib
 from retina_jax.data import pipeline
 
 pytestmark = pytest.mark.slow  # builds a dataset (16 + 10 images of 64 px, a few seconds)
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
-
-
-def _config(data_dir, **data):
+def _config(tfds_dir, **data):
   c = base.get_config()
   c.data.dataset = 'shapes'
-  c.data.data_dir = data_dir
+  c.data.data_dir = tfds_dir
   c.data.use_buckets = False  # one canvas here; tests/test_data_buckets.py covers buckets
   c.data.canvas = (128, 128)
   c.data.min_size = 64
@@ -45,9 +40,9 @@ def _take(it, n):
   return [next(it) for _ in range(n)]
 
 
-def test_train_batches(data_dir):
+def test_train_batches(tfds_dir):
   stats = pipeline.DataStats()
-  batches = _take(pipeline.train_iterator(_config(data_dir), stats=stats), 2)
+  batches = _take(pipeline.train_iterator(_config(tfds_dir), stats=stats), 2)
   b = batches[0]
   assert set(b) == {'image', 'boxes', 'classes'}
   assert b['image'].shape == (4, 128, 128, 3) and b['image'].dtype == np.float32
@@ -61,8 +56,8 @@ def test_train_batches(data_dir):
   assert stats.images == 8 and stats.crowd_boxes == 0  # crowds are in validation only
 
 
-def test_train_is_deterministic_given_seed(data_dir):
-  config = _config(data_dir, scale_jitter=(0.5, 1.0))
+def test_train_is_deterministic_given_seed(tfds_dir):
+  config = _config(tfds_dir, scale_jitter=(0.5, 1.0))
   a = _take(pipeline.train_iterator(config), 3)
   b = _take(pipeline.train_iterator(config), 3)
   for x, y in zip(a, b):
@@ -73,15 +68,15 @@ def test_train_is_deterministic_given_seed(data_dir):
   assert not all(np.array_equal(x['image'], y['image']) for x, y in zip(a, c))
 
 
-def test_scale_jitter_scales_images_and_boxes(data_dir):
-  b = next(pipeline.train_iterator(_config(data_dir, scale_jitter=(0.5, 0.5), flip=False)))
+def test_scale_jitter_scales_images_and_boxes(tfds_dir):
+  b = next(pipeline.train_iterator(_config(tfds_dir, scale_jitter=(0.5, 0.5), flip=False)))
   assert np.all(b['image'][:, 32:] == 0) and np.all(b['image'][:, :, 32:] == 0)
   valid = b['classes'] >= 0
   assert np.all(b['boxes'][valid] <= 32)
 
 
-def test_train_slices_of_two_processes_are_disjoint_and_cover(data_dir):
-  config = _config(data_dir, flip=False)
+def test_train_slices_of_two_processes_are_disjoint_and_cover(tfds_dir):
+  config = _config(tfds_dir, flip=False)
   seen = []
   for index in range(2):
     # batch 4 over 2 processes: 2 per process, 4 batches = one epoch of 8 images.
@@ -91,9 +86,9 @@ def test_train_slices_of_two_processes_are_disjoint_and_cover(data_dir):
   assert not seen[0] & seen[1]
 
 
-def test_eval_pads_the_last_batch(data_dir):
+def test_eval_pads_the_last_batch(tfds_dir):
   stats = pipeline.DataStats()
-  batches = list(pipeline.eval_iterator(_config(data_dir), stats=stats))
+  batches = list(pipeline.eval_iterator(_config(tfds_dir), stats=stats))
   assert len(batches) == 3  # 10 images, batches of 4
   b = batches[-1]
   np.testing.assert_array_equal(b['valid'], [True, True, False, False])
@@ -109,8 +104,8 @@ def test_eval_pads_the_last_batch(data_dir):
   assert stats.images == 10 and stats.skipped_images == 0
 
 
-def test_eval_slices_of_two_processes(data_dir):
-  config = _config(data_dir, eval_images=9)
+def test_eval_slices_of_two_processes(tfds_dir):
+  config = _config(tfds_dir, eval_images=9)
   everything = [i for b in pipeline.eval_iterator(config) for i in b['image_id'][b['valid']]]
   assert len(everything) == 9
   slices = []
@@ -122,8 +117,8 @@ def test_eval_slices_of_two_processes(data_dir):
   assert slices[0] + slices[1] == everything  # disjoint, cover, in order
 
 
-def test_ground_truth_matches_eval_batches(data_dir):
-  config = _config(data_dir, min_size=96, max_size=96)  # scale 1.5
+def test_ground_truth_matches_eval_batches(tfds_dir):
+  config = _config(tfds_dir, min_size=96, max_size=96)  # scale 1.5
   gt = pipeline.eval_ground_truth(config)
   assert sorted(gt.getImgIds()) == list(range(1, 11))
   assert {c['id'] for c in gt.loadCats(gt.getCatIds())} == set(range(1, 7))
@@ -132,13 +127,13 @@ def test_ground_truth_matches_eval_batches(data_dir):
       image_id = int(b['image_id'][i])
       assert gt.imgs[image_id]['height'] == 64 and b['scale'][i] == 1.5
       anns = [a for a in gt.loadAnns(gt.getAnnIds(imgIds=[image_id])) if not a['iscrowd']]
-      want = box_lib.from_coco(np.array([a['bbox'] for a in anns]).reshape(-1, 4)) * 1.5
+      want = boxes_lib.from_coco(np.array([a['bbox'] for a in anns]).reshape(-1, 4)) * 1.5
       n = min(len(anns), 12)
       np.testing.assert_allclose(b['boxes'][i, :n], want[:n], atol=1e-3)
       np.testing.assert_array_equal(b['classes'][i, :n] + 1, [a['category_id'] for a in anns][:n])
 
 
-def test_ground_truth_from_file_follows_eval_images(data_dir, tmp_path):
+def test_ground_truth_from_file_follows_eval_images(tfds_dir, tmp_path):
   path = tmp_path / 'instances.json'
   path.write_text(json.dumps({
       'images': [{'id': i, 'height': 64, 'width': 64, 'file_name': f'{i}.jpg'} for i in range(1, 11)],
@@ -146,21 +141,21 @@ def test_ground_truth_from_file_follows_eval_images(data_dir, tmp_path):
                        'iscrowd': 0} for i in range(1, 11)],
       'categories': [{'id': i, 'name': str(i)} for i in range(1, 7)],
   }))
-  config = _config(data_dir, annotation_file=str(path), eval_images=3)
+  config = _config(tfds_dir, annotation_file=str(path), eval_images=3)
   gt = pipeline.eval_ground_truth(config)
   ids = sorted(int(i) for b in pipeline.eval_iterator(config) for i in b['image_id'][b['valid']])
   assert sorted(gt.getImgIds()) == ids and len(ids) == 3
   assert sorted(a['image_id'] for a in gt.dataset['annotations']) == ids
 
 
-def test_batch_size_must_split_over_processes(data_dir):
+def test_batch_size_must_split_over_processes(tfds_dir):
   with pytest.raises(ValueError, match='config.eval.batch_size'):
-    pipeline.eval_iterator(_config(data_dir), process_index=0, process_count=3)
+    pipeline.eval_iterator(_config(tfds_dir), process_index=0, process_count=3)
   with pytest.raises(ValueError, match='config.model.num_classes'):
-    config = _config(data_dir)
+    config = _config(tfds_dir)
     config.model.num_classes = 3
     pipeline.train_iterator(config)
-  config = _config(data_dir)
+  config = _config(tfds_dir)
   config.model.num_classes = config.model.num_classes + 1  # an output no category id can score
   with pytest.raises(ValueError, match='must equal'):
     pipeline.eval_iterator(config)

@@ -13,9 +13,8 @@ _SETTINGS = dict(image_size=64, num_train=8, num_val=6, max_objects=8, min_objec
 
 
 @pytest.fixture(scope='module')
-def built(tmp_path_factory):
-  data_dir = tmp_path_factory.mktemp('tfds')
-  return shapes.builder(ml_collections.ConfigDict(_SETTINGS), str(data_dir))
+def built(tfds_dir):
+  return shapes.builder(ml_collections.ConfigDict(_SETTINGS), tfds_dir)
 
 
 def _draw(seed, size=256, crowd=False):

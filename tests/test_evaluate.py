@@ -1,5 +1,7 @@
 """Detections -> COCO rows (scale, clipping, category ids) and COCO metrics edge cases."""
 
+import os
+
 import numpy as np
 import pytest
 from pycocotools import coco as coco_api
@@ -83,12 +85,10 @@ def test_pycocotools_prints_nothing_to_stdout(capsys):
   assert capsys.readouterr().out == ''
 
 
-def test_eval_inputs_are_checked_before_any_inference(tmp_path):
+def test_eval_inputs_are_checked_before_any_inference(tiny_config, tmp_path):
   # Issue 12: a malformed annotation file failed only after inference over the whole split.
-  from configs import shapes
   from retina_jax import sharding
-  config = shapes.get_config('tiny')
-  config.data.data_dir = str(tmp_path / 'tfds')
+  config = tiny_config
   config.data.annotation_file = str(tmp_path / 'instances.json')
   (tmp_path / 'instances.json').write_text('{"images": [], "annotations": [')
 
@@ -118,3 +118,35 @@ def test_single_picture_has_the_image_aspect(tmp_path):
   visualize.save_image(path, image, np.array([[10, 5, 120, 45.0]]), np.array([0.8]), np.array([0]), ['a'])
   with Image.open(path) as im:
     assert im.size == (640, 80)  # long side enlarged to 640 px, aspect kept
+
+
+def test_without_a_checkpoint_the_pretrained_weights_are_evaluated_as_step_0(tmp_path, monkeypatch):
+  import jax
+  import jax.numpy as jnp
+  from configs import shapes
+  from retina_jax.model import retinanet
+  from retina_jax.model import torchvision_weights
+  config = shapes.get_config('tiny')
+  config.model.pretrained = 'resnet18.npz'
+  loaded, evaluated = [], {}
+  # Compiling the model's init takes minutes on one busy core; the wiring is what is tested here.
+  monkeypatch.setattr(retinanet, '_init', lambda model, rng: {'params': {'w': jnp.zeros(3)}, 'batch_stats': {}})
+
+  def load(path, variables, config):
+    loaded.append(path)
+    return jax.tree.map(lambda x: x + 1, variables)
+
+  def fake_evaluate(config, model, variables, mesh, step, workdir, coco_gt=None, record=None):
+    evaluated.update(step=step, variables=variables)
+
+  monkeypatch.setitem(torchvision_weights.LOADERS, 'backbone', load)
+  monkeypatch.setattr(evaluate, 'ground_truth', lambda config: None)
+  monkeypatch.setattr(evaluate, 'evaluate', fake_evaluate)
+  workdir = str(tmp_path / 'run')
+  evaluate.evaluate_checkpoint(config, workdir)
+  assert loaded == ['resnet18.npz'] and evaluated['step'] == 0
+  np.testing.assert_array_equal(evaluated['variables']['params']['w'], np.ones(3))  # init, then the file's
+  assert not os.path.exists(workdir)  # evaluation only reads
+  config.model.pretrained = None
+  with pytest.raises(FileNotFoundError, match=r'no checkpoint in .*run/checkpoints and no config\.model\.pretrained'):
+    evaluate.evaluate_checkpoint(config, workdir)

@@ -129,9 +129,8 @@ def _check_run(workdir, metrics):
 
 
 @pytest.mark.slow
-def test_one_step_train_and_evaluate_on_shapes(tmp_path):
-  c = shapes.get_config('tiny')
-  c.data.data_dir = str(tmp_path / 'tfds')
+def test_one_step_train_and_evaluate_on_shapes(tiny_config, tmp_path):
+  c = tiny_config
   c.train.steps = 1
   main.validate(c)
   workdir = str(tmp_path / 'run')
@@ -205,7 +204,7 @@ def test_user_errors_print_one_line(tmp_path, args, message):
 
 
 @pytest.fixture(scope='module')
-def preempted(tmp_path_factory):
+def preempted(tmp_path_factory, tfds_dir):
   """A tiny run from the command line, stopped by SIGTERM once step 1 is logged.
 
   Checkpoints are saved every step, so the workdir holds at least steps 1 and 2.
@@ -213,7 +212,7 @@ def preempted(tmp_path_factory):
     (the config as the command line built it, workdir, exit status, stderr).
   """
   c = shapes.get_config('tiny')
-  c.data.data_dir = str(tmp_path_factory.mktemp('tfds'))
+  c.data.data_dir = tfds_dir
   c.mode, c.train.steps, c.train.checkpoint_every = 'train', 1000, 1
   workdir = str(tmp_path_factory.mktemp('preempted'))
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
@@ -295,6 +294,21 @@ def test_evaluation_writes_its_own_record_and_skips_a_damaged_checkpoint(preempt
   record = json.loads(after[[k for k in new if k.endswith('.json') and 'eval_' in k][0]])
   assert record['changed_from_training'] == {'data.eval_images': [0, 4]}
   assert record['AP'] == metrics['AP']
+
+
+@pytest.mark.slow
+def test_evaluation_reads_the_model_whatever_optimizer_trained_it(preempted, tmp_path):
+  # Issue 13: evaluation rebuilt the whole train state with the eval config's optimizer, so
+  # other optim.* values (another optimizer state) made every checkpoint unreadable.
+  config, trained_dir, _, _ = preempted
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(trained_dir, workdir)
+  c = config.copy_and_resolve_references()
+  c.mode = 'eval'
+  c.data.eval_images = 4
+  c.optim.momentum, c.optim.weight_decay, c.optim.base_lr, c.optim.grad_clip = 0.0, 0.0, 1.0, 5.0
+  metrics = main.run(c, workdir, allow_config_change=True)
+  assert metrics['step'] == _steps(workdir)[-1] and metrics['images'] == 4
 
 
 def test_tfds_chatter_stays_out_of_the_progress_bar(tmp_path, caplog):

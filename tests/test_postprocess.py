@@ -1,4 +1,4 @@
-"""NMS against a plain numpy reference; post-processing on a hand-made case."""
+"""NMS (boxes.nms) against a plain numpy reference; post-processing on a hand-made case."""
 
 import functools
 import math
@@ -10,6 +10,7 @@ import pytest
 
 from retina_jax import anchors as anchors_lib
 from retina_jax import box_coder
+from retina_jax import boxes as boxes_lib
 from retina_jax import postprocess
 
 
@@ -41,7 +42,7 @@ def test_nms_matches_numpy_reference(seed, iou_thresh):
   boxes = _random_boxes(rng, 300)
   scores = rng.uniform(size=300).astype(np.float32)
   classes = rng.integers(0, 3, size=300)
-  run = jax.jit(postprocess.nms, static_argnums=(2, 3))
+  run = jax.jit(boxes_lib.nms, static_argnums=(2, 3))
   expected = numpy_nms(boxes, scores, iou_thresh)
   index, valid = run(boxes, scores, iou_thresh, 300)
   assert np.asarray(index)[np.asarray(valid)].tolist() == expected
@@ -49,18 +50,18 @@ def test_nms_matches_numpy_reference(seed, iou_thresh):
   # A small max_out is exactly the prefix of the full result.
   index, valid = run(boxes, scores, iou_thresh, 10)
   assert np.asarray(valid).all() and np.asarray(index).tolist() == expected[:10]
-  index, valid = jax.jit(postprocess.nms, static_argnums=(2, 3))(boxes, scores, iou_thresh, 300, classes)
+  index, valid = jax.jit(boxes_lib.nms, static_argnums=(2, 3))(boxes, scores, iou_thresh, 300, classes)
   assert np.asarray(index)[np.asarray(valid)].tolist() == numpy_nms(boxes, scores, iou_thresh, classes)
 
 
 def test_nms_skips_non_candidates():
   boxes = jnp.array([[0, 0, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], jnp.float32)
   scores = jnp.array([0.9, 0.8, -jnp.inf, jnp.nan])
-  index, valid = postprocess.nms(boxes, scores, 0.5, 4)
+  index, valid = boxes_lib.nms(boxes, scores, 0.5, 4)
   assert np.asarray(valid).tolist() == [True, False, False, False]
   assert int(index[0]) == 0
   with pytest.raises(ValueError, match=r'boxes must be \[N, 4\]'):
-    postprocess.nms(boxes[:, :3], scores, 0.5, 4)
+    boxes_lib.nms(boxes[:, :3], scores, 0.5, 4)
 
 
 # A two-level toy pyramid: level one has 4 anchors, level two 2; K = 3 classes.

@@ -15,7 +15,6 @@ import pytest
 from PIL import Image
 
 from configs import shapes
-from retina_jax import anchors as anchors_lib
 from retina_jax import boxes as boxes_lib
 from retina_jax import checkpoint
 from retina_jax import detector as detector_lib
@@ -51,7 +50,7 @@ def _random_variables(config):
   He-normal kernels, identity BatchNorm; the output convs are small, and the class
   bias is set so that scores spread over 0.05..0.9 (a dozen detections per image).
   """
-  abstract = detector_lib.abstract_variables(config, retinanet.build(config), sharding.make_mesh())
+  abstract = retinanet.abstract_variables(retinanet.build(config))
   rng = np.random.default_rng(0)
 
   def draw(path, s):
@@ -67,10 +66,10 @@ def _random_variables(config):
 
 
 @pytest.fixture(scope='module')
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tfds_dir):
   """(config, workdir with a train-state checkpoint at STEP, folder of the 8 validation images as files)."""
   root = tmp_path_factory.mktemp('predict')
-  config = _config(str(root / 'tfds'))
+  config = _config(tfds_dir)
   variables = _random_variables(config)
   tx = optim.make_optimizer(config, retinanet.trainable_mask(variables['params'], config))
   state = train.TrainState(step=np.int32(STEP), params=variables['params'], batch_stats=variables['batch_stats'],
@@ -92,11 +91,12 @@ def detector(setup):
 
 def _eval_path_rows(config, det):
   """{image_id: rows [n, 6] (x, y, w, h, score, category_id)} from the eval iterator and to_coco_rows."""
-  anchors = jax.device_put(anchors_lib.from_config(config), sharding.replicated(det.mesh))
+  anchors = evaluate.device_anchors(config, det.mesh)
   rows = []
   for local in pipeline.eval_iterator(config):
     batch = sharding.global_batch({k: local[k] for k in ('image', 'image_hw')}, det.mesh)
-    dets = jax.device_get(det.predict(det.variables, batch['image'], batch['image_hw'], anchors))
+    dets = jax.device_get(det.predict(det.variables, batch['image'], batch['image_hw'],
+                                      anchors[local['image'].shape[1:3]]))
     rows.append(evaluate.to_coco_rows(dets, local, pipeline.dataset_info(config).category_ids))
   rows = np.concatenate(rows)
   return {int(i): rows[rows[:, 0] == i][:, 1:] for i in np.unique(rows[:, 0])}

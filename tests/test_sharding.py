@@ -21,7 +21,7 @@ _SCRIPT = r'''
 import json
 import jax, jax.numpy as jnp, numpy as np
 from configs import shapes
-from retina_jax import anchors as anchors_lib, sharding, train
+from retina_jax import evaluate, sharding, train
 from retina_jax.model import retinanet
 
 assert jax.device_count() == 8, jax.devices()
@@ -43,8 +43,7 @@ def step_on(devices):
   """Loss, gradients (read off the first SGD update), BN statistics, compile count, end state."""
   mesh = sharding.make_mesh(devices)
   state, tx = train.create_train_state(config, model, mesh)
-  rep = sharding.replicated(mesh)
-  anchors = {c: jax.device_put(anchors_lib.from_config(config, c), rep) for c in ((128, 128), (128, 256))}
+  anchors = evaluate.device_anchors(config, mesh, ((128, 128), (128, 256)))
   step_fn = train.make_train_step(config, model, tx, mesh)
   before = jax.device_get(state.params)
   state, metrics = step_fn(state, sharding.global_batch(batch(1), mesh), anchors[128, 128])

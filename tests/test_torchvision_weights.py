@@ -14,6 +14,7 @@ from safetensors.numpy import save_file
 
 from configs import base
 from configs import torchvision_retinanet
+from retina_jax.data import coco
 from retina_jax.model import resnet
 from retina_jax.model import retinanet
 from retina_jax.model import torchvision_weights as tvw
@@ -261,7 +262,7 @@ def test_whole_torchvision_retinanet_80_classes_from_safetensors(tmp_path, caplo
   with caplog.at_level(logging.WARNING):
     variables = tvw.load_torchvision_retinanet(path, _zero_variables(config), config)
   assert 'not used' not in caplog.text
-  _check_whole_model(variables, state, tvw.COCO_CATEGORY_IDS)
+  _check_whole_model(variables, state, coco.CATEGORY_IDS)
   config.model.num_classes = 20
   with pytest.raises(ValueError, match='91 classes x 9 anchors, config.model.num_classes is 20'):
     tvw.load_torchvision_retinanet(path, _zero_variables(config), config)

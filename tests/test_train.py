@@ -15,12 +15,12 @@ from retina_jax.data import pipeline
 
 
 @pytest.fixture(scope='module')
-def config(tmp_path_factory):
+def config(tmp_path_factory, tfds_dir):
   # The four runs below compile the same step: let the later ones read it from disk.
   jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   c = shapes.get_config('tiny')
-  c.data.data_dir = str(tmp_path_factory.mktemp('tfds'))
+  c.data.data_dir = tfds_dir
   c.mode = 'train'
   c.train.steps = 4
   c.train.checkpoint_every = 100  # only the end, SIGTERM and the explicit saves below
@@ -137,8 +137,8 @@ def test_resume_drops_metrics_written_after_the_checkpoint(config, tmp_path):
   # A run killed without SIGTERM leaves metrics.jsonl lines for steps its checkpoint lacks.
   path = tmp_path / 'metrics.jsonl'
   path.write_text(''.join(json.dumps({'step': s, 'loss': 1.0}) + '\n' for s in (1, 2, 3, 4, 5)))
-  progress = train.Progress(config, str(tmp_path), None, 3, pipeline.DataStats(), True)
-  progress.record(4, {'loss': np.float32(0.5), 'num_pos': np.float32(7), 'lr': np.float32(0.1)})
+  progress = train.Progress(config, str(tmp_path), 3, pipeline.DataStats(), True)
+  progress.write(4, {'loss': 0.5, 'num_pos': 7.0, 'lr': 0.1})
   progress.close()
   with open(path) as f:
     steps = [json.loads(line)['step'] for line in f]
@@ -152,21 +152,21 @@ def test_a_torn_metrics_line_is_dropped_and_every_line_is_flushed(config, tmp_pa
   path.write_text(''.join(json.dumps({'step': s, 'loss': 1.0}) + '\n' for s in (1, 2, 3)) + '{"step": 4, "lo')
   c = config.copy_and_resolve_references()
   c.train.log_every = 100  # not a logged step: the line is flushed all the same
-  progress = train.Progress(c, str(tmp_path), None, 3, pipeline.DataStats(), True)
+  progress = train.Progress(c, str(tmp_path), 3, pipeline.DataStats(), True)
   assert 'metrics.jsonl: dropped its torn last line' in caplog.text
-  progress.record(4, {'loss': np.float32(0.5), 'num_pos': np.float32(7), 'lr': np.float32(0.1)})
+  progress.write(4, {'loss': 0.5, 'num_pos': 7.0, 'lr': 0.1})
   with open(path) as f:  # before close: what a kill at this point would leave
     steps = [json.loads(line)['step'] for line in f]
   assert steps == [1, 2, 3, 4]
   progress.close()
 
 
-def test_non_finite_loss_names_the_step(config, tmp_path):
+def test_non_finite_loss_names_the_step(tmp_path):
   manager = checkpoint.make_manager(str(tmp_path), 1)
-  progress = train.Progress(config, str(tmp_path), manager, 0, pipeline.DataStats(), False)
-  with pytest.raises(FloatingPointError, match='at step 7; the last good checkpoint'):
-    progress.record(7, {'loss': np.float32(np.inf), 'num_pos': np.float32(0), 'lr': np.float32(0.1)})
-  progress.close()
+  values, finite = train.read_metrics({'loss': np.float32(np.inf), 'num_pos': np.float32(0), 'lr': np.float32(0.1)})
+  assert not finite and values['loss'] == np.inf and all(type(v) is float for v in values.values())
+  message = train.diverged_message(7, values, manager)
+  assert message.startswith('non-finite loss inf at step 7; the last good checkpoint: none saved yet in ')
   manager.close()
 
 
@@ -192,15 +192,16 @@ def test_a_non_finite_state_is_never_saved(config, tmp_path, monkeypatch):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved))
 
 
-def test_non_finite_state_with_a_finite_loss_names_the_last_good_checkpoint(config, tmp_path):
+def test_non_finite_state_with_a_finite_loss_names_the_last_good_checkpoint(tmp_path):
   manager = checkpoint.make_manager(str(tmp_path), 1)
   checkpoint.save(manager, 2, {'w': np.ones(3, np.float32)})
-  progress = train.Progress(config, str(tmp_path), manager, 2, pipeline.DataStats(), False)
   metrics = {'loss': np.float32(3.3e30), 'num_pos': np.float32(5), 'lr': np.float32(0.1),
              'grad_norm': np.float32(np.nan), 'all_finite': np.bool_(False)}
-  with pytest.raises(FloatingPointError, match=r'at step 3; the last good checkpoint: step 2 in '):
-    progress.record(3, metrics)
-  progress.close()
+  values, finite = train.read_metrics(metrics)
+  assert not finite and 'all_finite' not in values  # not a metric to write
+  assert train.diverged_message(3, values, manager) == (
+      f'non-finite parameters or optimizer state (loss 3.3e+30, gradient norm nan) at step 3; '
+      f'the last good checkpoint: step 2 in {manager.directory} (a non-finite state is never saved)')
   manager.close()
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from pycocotools import coco as pycoco
 import tensorflow as tf
 
-from retina_jax import boxes as box_lib
+from retina_jax import boxes as boxes_lib
 from retina_jax import errors
 
 CATEGORY_IDS = (
@@ -119,9 +119,9 @@ def ground_truth(records, category_ids, class_names):
     images.append({'id': image_id, 'height': int(r['height']), 'width': int(r['width']),
                    'file_name': f'{image_id}.jpg'})
     boxes = np.asarray(r['boxes'], np.float64).reshape(-1, 4)
-    area = np.where(np.asarray(r['area']) > 0, r['area'], box_lib.area(boxes))
+    area = np.where(np.asarray(r['area']) > 0, r['area'], boxes_lib.area(boxes))
     ids = to_category_ids(r['classes'], category_ids)
-    for xywh, a, cid, crowd in zip(box_lib.to_coco(boxes), area, ids, r['is_crowd']):
+    for xywh, a, cid, crowd in zip(boxes_lib.to_coco(boxes), area, ids, r['is_crowd']):
       annotations.append({
           'id': len(annotations) + 1, 'image_id': image_id, 'category_id': int(cid),
           'bbox': [float(v) for v in xywh], 'area': float(a), 'iscrowd': int(bool(crowd))})

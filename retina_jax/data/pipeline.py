@@ -90,42 +90,59 @@ class DataStats:
     self.truncated_boxes += int(batch['num_truncated'][valid].sum())
 
 
+# config.data.dataset -> its classes.
+DATASETS = {
+    'coco': DatasetInfo(len(coco.CATEGORY_IDS), coco.CLASS_NAMES, coco.CATEGORY_IDS),
+    'shapes': DatasetInfo(len(shapes.CLASS_NAMES), shapes.CLASS_NAMES,
+                          tuple(range(1, len(shapes.CLASS_NAMES) + 1))),
+}
+
+
 def dataset_info(config):
   """Classes of config.data.dataset: DatasetInfo(num_classes, class_names, category_ids)."""
-  if config.data.dataset == 'coco':
-    return DatasetInfo(len(coco.CATEGORY_IDS), coco.CLASS_NAMES, coco.CATEGORY_IDS)
-  if config.data.dataset == 'shapes':
-    n = len(shapes.CLASS_NAMES)
-    return DatasetInfo(n, shapes.CLASS_NAMES, tuple(range(1, n + 1)))
-  raise errors.BadValue(f"config.data.dataset must be 'coco' or 'shapes', got {config.data.dataset!r}")
+  errors.check_choice('data.dataset', config.data.dataset, DATASETS)
+  return DATASETS[config.data.dataset]
 
 
-def _check_config(config, batch_size, batch_key, process_index, process_count):
+def check(config):
+  """Raises errors.BadValue naming the first bad value of config.data (or model.num_classes).
+
+  Every reader of the data (training, evaluation, Detector) calls it, and so does main.validate.
+  """
   d = config.data
   info = dataset_info(config)
+  for key in ('min_size', 'max_size', 'max_boxes', 'shuffle_buffer'):
+    errors.check_range(f'data.{key}', d[key], lo=1)
+  errors.check_range('data.eval_images', d.eval_images, lo=0)
+  shapes.check(d.shapes)
   canvas = tuple(d.canvas)
-  if len(canvas) != 2 or any(int(s) <= 0 or int(s) % 128 for s in canvas):
-    raise errors.BadValue(f'config.data.canvas must be (H, W), positive multiples of 128, got {d.canvas}')
-  if not 0 < d.min_size <= d.max_size:
-    raise errors.BadValue(f'config.data.min_size ({d.min_size}) must be in (0, max_size={d.max_size}]')
+  if len(canvas) != 2 or any(not isinstance(s, int) or s <= 0 or s % 128 for s in canvas):
+    raise errors.bad_config('data.canvas', canvas, 'must be (H, W), positive integers divisible by 128')
+  if d.max_size < d.min_size:
+    raise errors.bad_config('data.max_size', d.max_size, f'must be >= data.min_size ({d.min_size})')
   lo, hi = d.scale_jitter
   if not 0 < lo <= hi:
-    raise errors.BadValue(f'config.data.scale_jitter must be (lo, hi) with 0 < lo <= hi, got {d.scale_jitter}')
+    raise errors.bad_config('data.scale_jitter', d.scale_jitter, 'must be (lo, hi) with 0 < lo <= hi')
   if d.use_buckets:  # evaluation is at jitter 1, training up to hi
     buckets_lib.check(d.buckets, d.min_size * max(1.0, hi), d.max_size)
-  if len(d.mean) != 3 or len(d.std) != 3 or min(d.std) <= 0:
-    raise errors.BadValue(f'config.data.mean / std must be 3 values with std > 0, got {d.mean} / {d.std}')
-  if d.max_boxes < 1:
-    raise errors.BadValue(f'config.data.max_boxes must be >= 1, got {d.max_boxes}')
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} not in [0, process_count={process_count})')
-  if batch_size % process_count or batch_size < process_count:
-    raise errors.BadValue(f'{batch_key}={batch_size} must be a positive multiple of the process count {process_count}')
+  for key in ('mean', 'std'):
+    if len(d[key]) != 3:
+      raise errors.bad_config(f'data.{key}', d[key], 'must have 3 values (RGB)')
+  if min(d.std) <= 0:
+    raise errors.bad_config('data.std', d.std, 'must be > 0')
   # Fewer outputs would drop classes; more would give detections that no category id can
   # score. The torchvision loader maps its 91 outputs to the dataset's classes instead.
   if config.model.num_classes != info.num_classes:
     raise errors.BadValue(f'config.model.num_classes={config.model.num_classes} must equal the '
-                     f'{info.num_classes} classes of dataset {d.dataset!r}')
+                          f'{info.num_classes} classes of dataset {d.dataset!r}')
+
+
+def _check_config(config, batch_size, batch_key, process_index, process_count):
+  check(config)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in [0, process_count={process_count})')
+  if batch_size % process_count or batch_size < process_count:
+    raise errors.BadValue(f'{batch_key}={batch_size} must be a positive multiple of the process count {process_count}')
 
 
 def _decode(ds, index=False):

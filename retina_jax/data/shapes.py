@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from retina_jax import errors
 from retina_jax.data import buckets
 
 CLASS_NAMES = ('rectangle', 'ellipse', 'triangle', 'cross', 'ring', 'diamond')
@@ -239,6 +240,21 @@ def varied_sizes(rng, image, boxes, areas, size):
   return resized, boxes * scale, np.round(areas * (h * w) / size**2).astype(np.int64)
 
 
+def _check_object_size(image_size, min_object_size):
+  if image_size < 4 * min_object_size or min_object_size < 2:
+    raise errors.BadValue(f'config.data.shapes: image_size={image_size} must be >= 4 * min_object_size '
+                          f'({min_object_size}) and min_object_size >= 2')
+
+
+def check(shapes_config):
+  """Raises errors.BadValue naming the first bad value of config.data.shapes."""
+  s = shapes_config
+  errors.check_range('data.shapes.image_size', s.image_size, lo=32)
+  for key in ('num_train', 'num_val', 'max_objects', 'min_object_size'):
+    errors.check_range(f'data.shapes.{key}', s[key], lo=1)
+  _check_object_size(s.image_size, s.min_object_size)
+
+
 class RetinaShapesConfig(tfds.core.BuilderConfig):
   """Dataset settings; the name encodes them so different settings never share files."""
 
@@ -249,10 +265,7 @@ class RetinaShapesConfig(tfds.core.BuilderConfig):
         + ('_varied' if varied_sizes else ''),
         version=tfds.core.Version('1.0.0'),
         description='Synthetic shapes with coco/2017 features.')
-    if image_size < 4 * min_object_size or min_object_size < 2:
-      raise ValueError(
-          f'config.data.shapes: image_size={image_size} must be >= 4 * min_object_size '
-          f'({min_object_size}) and min_object_size >= 2')
+    _check_object_size(image_size, min_object_size)
     self.image_size = image_size
     self.num_train = num_train
     self.num_val = num_val

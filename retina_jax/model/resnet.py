@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from retina_jax import errors
 from retina_jax.model import conv
 
 BN_EPS = 1e-5  # torchvision BatchNorm2d and FrozenBatchNorm2d
@@ -25,31 +26,28 @@ BN_EPS = 1e-5  # torchvision BatchNorm2d and FrozenBatchNorm2d
 _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
+# config.model.backbone -> (bottleneck blocks, blocks per stage, groups, width per group).
+BACKBONES = {
+    'resnet18': (False, (2, 2, 2, 2), 1, 64),
+    'resnet34': (False, (3, 4, 6, 3), 1, 64),
+    'resnet50': (True, (3, 4, 6, 3), 1, 64),
+    'resnet101': (True, (3, 4, 23, 3), 1, 64),
+    'resnet152': (True, (3, 8, 36, 3), 1, 64),
+    'resnext101_32x8d': (True, (3, 4, 23, 3), 32, 8),
+    'resnext101_64x4d': (True, (3, 4, 23, 3), 64, 4),
+}
+
+
 def spec(name):
   """Architecture of a named backbone.
 
   Args:
-    name: config.model.backbone.
+    name: config.model.backbone, a key of BACKBONES.
   Returns:
     (bottleneck: bool, blocks per stage: tuple of 4 ints, groups, width_per_group).
   """
-  if name == 'resnet18':
-    return False, (2, 2, 2, 2), 1, 64
-  elif name == 'resnet34':
-    return False, (3, 4, 6, 3), 1, 64
-  elif name == 'resnet50':
-    return True, (3, 4, 6, 3), 1, 64
-  elif name == 'resnet101':
-    return True, (3, 4, 23, 3), 1, 64
-  elif name == 'resnet152':
-    return True, (3, 8, 36, 3), 1, 64
-  elif name == 'resnext101_32x8d':
-    return True, (3, 4, 23, 3), 32, 8
-  elif name == 'resnext101_64x4d':
-    return True, (3, 4, 23, 3), 64, 4
-  raise ValueError(
-      f'config.model.backbone: unknown backbone {name!r}; expected resnet18, resnet34, resnet50, '
-      'resnet101, resnet152, resnext101_32x8d or resnext101_64x4d')
+  errors.check_choice('model.backbone', name, BACKBONES)
+  return BACKBONES[name]
 
 
 def out_channels(name, width=64):

@@ -1,7 +1,7 @@
 """RetinaNet = ResNet + FPN + class / box subnets (paper sec. 4), built from config.model.
 
   model = build(config)
-  variables = model.init(rng, images, train=False)      # {'params', 'batch_stats'}
+  variables = init_variables(config, model, rng)        # {'params', 'batch_stats'}
   out = model.apply(variables, images, train=False)     # {'logits', 'deltas'}
   out, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
                                                         # only when model.freeze_bn is False
@@ -14,6 +14,7 @@ model.freeze_at. No anchors or losses live in the module.
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
@@ -21,6 +22,7 @@ from retina_jax import anchors
 from retina_jax.model import fpn as fpn_lib
 from retina_jax.model import heads
 from retina_jax.model import resnet
+from retina_jax.model import torchvision_weights
 
 
 class RetinaNet(nn.Module):
@@ -97,12 +99,50 @@ def build(config):
   for key in ('backbone_width', 'fpn_width', 'head_width', 'num_classes'):
     if m[key] < 1:
       raise ValueError(f'config.model.{key} must be >= 1, got {m[key]}')
+  if m.head_convs < 0:
+    raise ValueError(f'config.model.head_convs must be >= 0, got {m.head_convs}')
   return RetinaNet(
       backbone=m.backbone, backbone_width=m.backbone_width, freeze_bn=m.freeze_bn,
       freeze_at=m.freeze_at, fpn_width=m.fpn_width, p6_from=m.p6_from,
       levels=tuple(config.anchors.levels), head_width=m.head_width, head_convs=m.head_convs,
       head_norm=m.head_norm, prior_prob=m.prior_prob, num_classes=m.num_classes,
       num_anchors=anchors.num_per_location(config.anchors), dtype=_dtype(m.dtype))
+
+
+def _init(model, rng):
+  # The variables' shapes do not depend on the image size: the smallest canvas the model
+  # takes (one cell at the top level) traces and compiles fastest.
+  side = 2**model.levels[-1]
+  variables = model.init(rng, jnp.zeros((1, side, side, 3), jnp.float32), train=False)
+  return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+
+
+def init_variables(config, model, rng):
+  """The variables of a new model, with config.model.pretrained's weights when set.
+
+  Args:
+    config: the run config (reads config.model.pretrained and pretrained_kind).
+    model: build(config).
+    rng: a jax.random key for the weights the pretrained file does not give.
+  Returns:
+    {'params', 'batch_stats'} of jax.Array.
+  """
+  variables = jax.jit(lambda r: _init(model, r))(rng)
+  if config.model.pretrained:
+    load = torchvision_weights.LOADERS[config.model.pretrained_kind]
+    variables = load(config.model.pretrained, variables, config)
+  return variables
+
+
+def abstract_variables(model, sharding=None):
+  """The variables of `model` as jax.ShapeDtypeStruct placed by `sharding`; nothing is computed.
+
+  What a checkpoint or a pretrained file is read into.
+  Returns:
+    {'params', 'batch_stats'} of jax.ShapeDtypeStruct.
+  """
+  shapes = jax.eval_shape(lambda: _init(model, jax.random.key(0)))
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
 def _stage(name):

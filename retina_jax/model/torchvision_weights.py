@@ -23,10 +23,9 @@ from absl import logging
 from flax import traverse_util
 
 from retina_jax import errors
+from retina_jax.data import coco
 from retina_jax.model import resnet
 
-# COCO category ids of the 80 classes in id order, which is tfds coco/2017's label order.
-COCO_CATEGORY_IDS = tuple(i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83))
 # torchvision's retinanet_resnet50_fpn(weights=COCO_V1) sets its FrozenBatchNorm eps to 0.
 RETINANET_V1_BN_EPS = 0.0
 
@@ -180,7 +179,7 @@ def load_torchvision_retinanet(path, variables, config, *, bn_eps=RETINANET_V1_B
     config: the run config; model.p6_from must match the file ('p5' for torchvision v1).
     bn_eps: the checkpoint's FrozenBatchNorm eps (0 for torchvision's COCO_V1 weights).
     class_indices: for each of our K classes, the checkpoint's class index. None: all
-      classes when the counts match, COCO_CATEGORY_IDS for 91 -> 80.
+      classes when the counts match, coco.CATEGORY_IDS for 91 -> 80.
   Returns:
     variables with every leaf replaced.
   """
@@ -194,10 +193,19 @@ def load_torchvision_retinanet(path, variables, config, *, bn_eps=RETINANET_V1_B
     if k_src == k:
       class_indices = range(k)
     elif k_src == 91 and k == 80:
-      class_indices = COCO_CATEGORY_IDS
+      class_indices = coco.CATEGORY_IDS  # torchvision indexes its classes by COCO id
     else:
       raise errors.BadValue(
           f'{path}: the checkpoint has {k_src} classes x {num_anchors} anchors, config.model.num_classes '
           f'is {k}; pass class_indices to pick the classes')
   return _load(state, variables, config, source=path, body='backbone.body.', bn_eps=bn_eps,
                backbone_only=False, classes=class_indices)
+
+
+# config.model.pretrained_kind -> the loader of such a file.
+LOADERS = {'backbone': load_torchvision_backbone, 'retinanet': load_torchvision_retinanet}
+
+
+def check(config):
+  """Raises errors.BadValue unless config.model.pretrained_kind names one of LOADERS."""
+  errors.check_choice('model.pretrained_kind', config.model.pretrained_kind, LOADERS)
