@@ -95,7 +95,9 @@ def _launch(num_processes, workdir, data_dir, mode, cache):
                             stderr=subprocess.PIPE, text=True) for i in range(num_processes)]
   outs = []
   for p in procs:
-    out, err = p.communicate(timeout=600)
+    # Only a guard against a hang (a process waiting on its peer forever): on 2 busy cores a
+    # healthy bucketed run took 572 s, too near the old 600.
+    out, err = p.communicate(timeout=1500)
     assert p.returncode == 0, err[-4000:]
     outs.append([[l for l in out.splitlines() if l.startswith(k)][-1].split() for k in ('RESULT', 'CANVASES')])
   return outs
