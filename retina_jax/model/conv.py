@@ -52,7 +52,6 @@ def kernel_grad_matmul(x, dy, kernel_shape, strides, padding, groups):
   (lo_h, hi_h), (lo_w, hi_w) = padding
   # lax.pad takes negative padding too, so any padding the convolution accepts works here.
   xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (lo_h, hi_h, 0), (lo_w, hi_w, 0), (0, 0, 0)))
-  dy = dy.reshape(b * ho * wo, groups, co // groups)  # [P, G, C_out / G]
   taps = []
   for i in range(kh):
     for j in range(kw):
@@ -60,29 +59,43 @@ def kernel_grad_matmul(x, dy, kernel_shape, strides, padding, groups):
       patch = lax.slice(
           xp, (0, i, j, 0), (b, i + (ho - 1) * strides[0] + 1, j + (wo - 1) * strides[1] + 1, xp.shape[3]),
           (1, strides[0], strides[1], 1))  # [B, H_out, W_out, C_in]
-      patch = patch.reshape(b * ho * wo, groups, cig)  # [P, G, C_in / G]
-      taps.append(lax.dot_general(
-          patch, dy, (((0,), (0,)), ((1,), (1,))), preferred_element_type=jnp.float32))  # [G, C_in/G, C_out/G]
+      taps.append(_sum_over_positions(patch.reshape(b * ho * wo, groups, cig),
+                                      dy.reshape(b * ho * wo, groups, co // groups)))
   grad = jnp.stack(taps).reshape(kh, kw, groups, cig, co // groups)
   # HWIO of a grouped convolution: output channel g * (C_out / G) + o belongs to group g.
   return grad.transpose(0, 1, 3, 2, 4).reshape(kernel_shape)
 
 
+def _sum_over_positions(patch, dy):
+  """[G, C_in / G, C_out / G] = sum over P of patch[P, G, C_in / G] x dy[P, G, C_out / G].
+
+  Without groups it is one 2-D product contracting both operands' leading axis, which XLA's
+  CPU matrix multiply reads in place. With a group axis it becomes a batched product, for
+  which XLA first copies both operands into transposed layouts (a copy that, fused with the
+  elementwise op that made `patch`, took longer than the product itself in R50-FPN).
+  """
+  if patch.shape[1] == 1:
+    return lax.dot_general(patch[:, 0], dy[:, 0], (((0,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32)[None]
+  return lax.dot_general(patch, dy, (((0,), (0,)), ((1,), (1,))), preferred_element_type=jnp.float32)
+
+
 def matmul_is_faster(kernel_shape, groups):
   """Whether `kernel_grad_matmul` beats XLA's CPU kernel gradient for this kernel.
 
-  Measured per layer of R50-FPN and of the demo (experiments/bench_backward.py):
-  a 1x1 kernel is one matrix product and wins 1.4-22x; a grouped kernel wins by
-  orders of magnitude (XLA's grouped kernel gradient takes seconds); a k x k kernel
-  wins 1.2-3.5x once both sides of its products are >= 256 channels, and loses up
-  to 3x below that (e.g. the 256 -> 36 box output, the demo's 16-128-wide layers).
+  Measured per layer of R50-FPN and of the demo (experiments/bench_backward.py): a
+  1x1 kernel is one matrix product and wins 2-10x; a grouped kernel wins by orders
+  of magnitude (XLA's grouped kernel gradient takes seconds); a k x k kernel wins
+  1.3-4x once both sides of its products are >= 64 channels, and loses up to 5x
+  below that, where each of its k * k products is too thin (the 256 -> 36 box
+  output, the 7x7 stem on 3 channels, the demo's 16-32-wide layers).
 
   Args:
     kernel_shape: (k_h, k_w, C_in / groups, C_out).
     groups: feature_group_count.
   """
   kh, kw, cig, co = kernel_shape
-  return kh * kw == 1 or groups > 1 or min(cig, co) >= 256
+  return kh * kw == 1 or groups > 1 or min(cig, co) >= 64
 
 
 def _kernel_grad_xla(x, dy, kernel_shape, strides, padding, groups):
