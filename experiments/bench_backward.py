@@ -2,6 +2,7 @@ r"""Where a CPU train step's time goes: the convolutions' gradients, the network
 
   python -m experiments.bench_backward                       # per-conv table + R50-FPN 2 x 512 x 640
   python -m experiments.bench_backward --skip-network        # the per-conv table only (a minute)
+  taskset -c 0 python -m experiments.bench_backward --skip-network --profile /tmp/prof   # where a step's time goes
 
 Prints, in one run and for both kernel-gradient paths of retina_jax/model/conv.py
 ('xla': XLA's own convolution gradient; 'matmul': the CPU path the package uses):
@@ -16,9 +17,20 @@ Prints, in one run and for both kernel-gradient paths of retina_jax/model/conv.p
      network's outputs, and the optimizer update (with the step's finiteness
      check and gradient norm).
 Times are medians of --repeats calls after one warm-up call; compile time apart.
+--profile DIR also traces one R50-FPN train step (jax.profiler, into DIR) and prints
+its time by XLA operation (fusions named by their kind: `ynn_fusion` the forward and
+input-gradient convolutions, `dot_general` this module's kernel-gradient products,
+`slice_bitcast_fusion` their input patches, ...). Run it on one core: with more
+threads an operation's event ends before its work on the thread pool does.
 """
 
 import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
 import statistics
 import time
 
@@ -144,22 +156,53 @@ def rest_of_step(config, repeats):
   return loss_s, _median_s(jax.jit(update), state, grads, repeats=repeats)
 
 
+def profile_step(config, directory):
+  """Seconds of one traced train step by XLA operation kind, largest first, and the step's wall time."""
+  step_fn, state, batch, anchors = bench_train.setup(config)
+  compiled = step_fn.lower(state, batch, anchors).compile()
+  for _ in range(2):  # warm-up
+    state, metrics = compiled(state, batch, anchors)
+    jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  with jax.profiler.trace(directory, create_perfetto_trace=True):
+    state, metrics = compiled(state, batch, anchors)
+    jax.block_until_ready(metrics)
+  wall = time.perf_counter() - start
+  newest = max(glob.glob(os.path.join(directory, 'plugins/profile/*/*.trace.json.gz')), key=os.path.getmtime)
+  with gzip.open(newest) as f:
+    events = json.load(f)['traceEvents']
+  seconds = collections.Counter()
+  for e in events:
+    # Complete events of the compiled program's thunks: not Python ($...) nor the executor's own.
+    if e.get('ph') == 'X' and not e['name'].startswith(('$', 'Thunk', 'Pjit', 'Common', 'Slinky')):
+      seconds[re.sub(r'\.\d+$', '', e['name'])] += e['dur'] / 1e6
+  return seconds.most_common(), wall
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--canvas', type=int, nargs=2, default=(512, 640))
   parser.add_argument('--batch', type=int, default=2)
   parser.add_argument('--skip-network', action='store_true')
+  parser.add_argument('--profile', metavar='DIR', help='also trace one R50-FPN train step into DIR')
   args = parser.parse_args()
   device = jax.devices()[0]
   print(f'{jax.device_count()} x {device.platform} ({device.device_kind}), jax {jax.__version__}')
   conv_table(args.repeats)
-  if args.skip_network:
-    return
   r50 = base.get_config()
   r50.data.canvas = tuple(args.canvas)
   r50.train.batch_size = args.batch
   h, w = args.canvas
+  if args.profile:
+    kinds, wall = profile_step(r50, args.profile)
+    print(f'\nOne R50-FPN train step, {args.batch} x {h} x {w}, traced: {wall:.2f} s wall, '
+          f'{sum(s for _, s in kinds):.2f} s in operations')
+    print('| operation | s | share |\n|---|---|---|')
+    for name, s in kinds[:12]:
+      print(f'| {name} | {s:.3f} | {s / wall:.0%} |')
+  if args.skip_network:
+    return
   cases = [(f'R50-FPN, {args.batch} x {h} x {w}, 80 classes', r50),
            ('the demo (configs/shapes.py), 16 x 128 x 128', shapes.get_config())]
   for title, config in cases:

@@ -81,16 +81,20 @@ def peak_memory_gib(device):
   return stats['peak_bytes_in_use'] / 2**30 if 'peak_bytes_in_use' in stats else None
 
 
-def bench(config, steps):
-  """(compile seconds, median step seconds) of the jitted train step."""
+def setup(config):
+  """(jitted train step, fresh state, random global batch, anchors) of config on every local device."""
   mesh = sharding.make_mesh()
   model = retinanet.build(config)
   state, tx = train.create_train_state(config, model, mesh)
   canvas = tuple(config.data.canvas)  # random_batch's, whether or not the config has buckets
   anchors = evaluate.device_anchors(config, mesh, [canvas])[canvas]
   step_fn = train.make_train_step(config, model, tx, mesh)
-  batch = sharding.global_batch(random_batch(config, 0), mesh)
-  compile_s, step_s, _ = time_step(step_fn, state, batch, anchors, steps)
+  return step_fn, state, sharding.global_batch(random_batch(config, 0), mesh), anchors
+
+
+def bench(config, steps):
+  """(compile seconds, median step seconds) of the jitted train step."""
+  compile_s, step_s, _ = time_step(*setup(config), steps)
   return compile_s, step_s
 
 

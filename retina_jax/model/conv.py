@@ -83,12 +83,13 @@ def _sum_over_positions(patch, dy):
 def matmul_is_faster(kernel_shape, groups):
   """Whether `kernel_grad_matmul` beats XLA's CPU kernel gradient for this kernel.
 
-  Measured per layer of R50-FPN and of the demo (experiments/bench_backward.py): a
-  1x1 kernel is one matrix product and wins 2-10x; a grouped kernel wins by orders
-  of magnitude (XLA's grouped kernel gradient takes seconds); a k x k kernel wins
-  1.3-4x once both sides of its products are >= 64 channels, and loses up to 5x
-  below that, where each of its k * k products is too thin (the 256 -> 36 box
-  output, the 7x7 stem on 3 channels, the demo's 16-32-wide layers).
+  Measured per layer of R50-FPN and of the demo (experiments/bench_backward.py,
+  README "Benchmarks"): a 1x1 kernel is one matrix product and wins 6-10x; a
+  grouped kernel wins by orders of magnitude (XLA's grouped kernel gradient takes
+  seconds); a k x k kernel wins 1.0-4.5x once both sides of its products are >= 64
+  channels, and loses up to 5x below that, where each of its k * k products is too
+  thin (the 256 -> 36 box output, the demo's 16-32-wide layers and its 7x7 stem on 3
+  channels; R50's stem on 3 channels would win, but configs/base.py freezes it).
 
   Args:
     kernel_shape: (k_h, k_w, C_in / groups, C_out).
