@@ -111,8 +111,8 @@ def test_matmul_kernel_gradient_only_on_cpu(kernel_shape, groups):
 
 
 def test_ungrouped_kernel_gradient_is_a_plain_matrix_product():
-  # A batch axis (the group axis, even of size 1) makes XLA's CPU dot copy both operands into
-  # transposed layouts first, which cost R50-FPN's train step a fifth of its time.
+  # A batch axis (the group axis, even of size 1) makes XLA's CPU dot copy the patch into a
+  # transposed layout first, which cost R50-FPN's train step a sixth of its time.
   cpu = _lowered_grad('cpu', (3, 3, 64, 64))
   assert cpu.count('stablehlo.dot_general') == 9 and 'batching_dims' not in cpu
   assert 'batching_dims' in _lowered_grad('cpu', (3, 3, 8, 256), 32)
