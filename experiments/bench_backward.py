@@ -17,7 +17,7 @@ Prints, in one run and for both kernel-gradient paths of retina_jax/model/conv.p
      network's outputs, and the optimizer update (with the step's finiteness
      check and gradient norm).
 Times are medians of --repeats calls after one warm-up call; compile time apart.
---profile DIR also traces one R50-FPN train step (jax.profiler, into DIR) and prints
+--profile DIR also traces one train step of each model (jax.profiler, into DIR) and prints
 its time by XLA operation (fusions named by their kind: `ynn_fusion` the forward and
 input-gradient convolutions, `dot_general` this module's kernel-gradient products,
 `slice_bitcast_fusion` their input patches, ...). Run it on one core: with more
@@ -185,7 +185,7 @@ def main():
   parser.add_argument('--canvas', type=int, nargs=2, default=(512, 640))
   parser.add_argument('--batch', type=int, default=2)
   parser.add_argument('--skip-network', action='store_true')
-  parser.add_argument('--profile', metavar='DIR', help='also trace one R50-FPN train step into DIR')
+  parser.add_argument('--profile', metavar='DIR', help='also trace one train step of each model into DIR')
   args = parser.parse_args()
   device = jax.devices()[0]
   print(f'{jax.device_count()} x {device.platform} ({device.device_kind}), jax {jax.__version__}')
@@ -194,17 +194,16 @@ def main():
   r50.data.canvas = tuple(args.canvas)
   r50.train.batch_size = args.batch
   h, w = args.canvas
-  if args.profile:
-    kinds, wall = profile_step(r50, args.profile)
-    print(f'\nOne R50-FPN train step, {args.batch} x {h} x {w}, traced: {wall:.2f} s wall, '
-          f'{sum(s for _, s in kinds):.2f} s in operations')
+  cases = [(f'R50-FPN, {args.batch} x {h} x {w}, 80 classes', r50),
+           ('the demo (configs/shapes.py), 16 x 128 x 128', shapes.get_config())]
+  for title, config in cases if args.profile else ():
+    kinds, wall = profile_step(config, args.profile)
+    print(f'\nOne train step of {title}, traced: {wall:.3f} s wall, {sum(s for _, s in kinds):.3f} s in operations')
     print('| operation | s | share |\n|---|---|---|')
     for name, s in kinds[:12]:
       print(f'| {name} | {s:.3f} | {s / wall:.0%} |')
   if args.skip_network:
     return
-  cases = [(f'R50-FPN, {args.batch} x {h} x {w}, 80 classes', r50),
-           ('the demo (configs/shapes.py), 16 x 128 x 128', shapes.get_config())]
   for title, config in cases:
     print(f'\n{title}, float32 (seconds per call, median of {args.repeats}; x = multiple of the forward)')
     print('| kernel gradient | forward | forward + backward | full train step |')
