@@ -108,22 +108,23 @@ def network(path, config, repeats):
   """(forward s, forward + backward s, full step s) of config's model on its random batch."""
   model = retinanet.build(config)
   batch = bench_train.random_batch(config, 0)
-  images = jnp.asarray(batch['image'])
+  images, image_hw = jnp.asarray(batch['image']), jnp.asarray(batch['image_hw'])
   variables = jax.jit(model.init)(jax.random.key(0, impl='rbg'), images[:1])
 
-  def objective(params, stats, x):
+  # With image_hw, as training runs it (the padding mask, all ones on this batch).
+  def objective(params, stats, x, hw):
     variables = {'params': params, 'batch_stats': stats}
     if config.model.freeze_bn:
-      out = model.apply(variables, x, train=True)
+      out = model.apply(variables, x, hw, train=True)
     else:
-      out, _ = model.apply(variables, x, train=True, mutable=['batch_stats'])
+      out, _ = model.apply(variables, x, hw, train=True, mutable=['batch_stats'])
     return jnp.mean(out['logits'] ** 2) + jnp.mean(out['deltas'] ** 2)
 
-  forward = jax.jit(model.apply).lower(variables, images).compile()
+  forward = jax.jit(model.apply).lower(variables, images, image_hw).compile()
   backward = _with_path(path, lambda: jax.jit(jax.grad(objective)).lower(
-      variables['params'], variables['batch_stats'], images).compile())
-  fwd = _median_s(forward, variables, images, repeats=repeats)
-  bwd = _median_s(backward, variables['params'], variables['batch_stats'], images, repeats=repeats)
+      variables['params'], variables['batch_stats'], images, image_hw).compile())
+  fwd = _median_s(forward, variables, images, image_hw, repeats=repeats)
+  bwd = _median_s(backward, variables['params'], variables['batch_stats'], images, image_hw, repeats=repeats)
   _, step = _with_path(path, lambda: bench_train.bench(config, repeats))
   return fwd, bwd, step
 

@@ -71,7 +71,8 @@ def random_batch(config, seed):
   classes = np.full((b, m), -1, np.int32)
   classes[:, :n] = r.integers(0, config.model.num_classes, (b, n))
   image = r.normal(size=(b, h, w, 3)).astype(np.float32)
-  return {'image': image, 'boxes': boxes, 'classes': classes}
+  image_hw = np.tile(np.float32([h, w]), (b, 1))  # the image fills the canvas
+  return {'image': image, 'image_hw': image_hw, 'boxes': boxes, 'classes': classes}
 
 
 def peak_memory_gib(device):

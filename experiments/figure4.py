@@ -122,8 +122,8 @@ def main(argv):
   m = config.matching
 
   @jax.jit
-  def samples(variables, images, boxes, classes, anchors):
-    logits = model.apply(variables, images, train=False)['logits']
+  def samples(variables, images, image_hw, boxes, classes, anchors):
+    logits = model.apply(variables, images, image_hw, train=False)['logits']
     t = matching.assign(anchors, boxes, classes, fg_iou=m.fg_iou, bg_iou=m.bg_iou,
                         low_quality=m.low_quality, weights=tuple(config.box_coder.weights))
     return sample_losses(logits, t['classes'], t['labels'])
@@ -131,9 +131,9 @@ def main(argv):
   kept = {kind: [[] for _ in GAMMAS] for kind in ('positive', 'negative')}
   seen = 0
   for local in pipeline.eval_iterator(config):
-    batch = sharding.global_batch({k: local[k] for k in ('image', 'boxes', 'classes')}, mesh)
+    batch = sharding.global_batch({k: local[k] for k in ('image', 'image_hw', 'boxes', 'classes')}, mesh)
     loss, positive, negative = jax.device_get(
-        samples(variables, batch['image'], batch['boxes'], batch['classes'], anchors[local['image'].shape[1:3]]))
+        samples(variables, batch['image'], batch['image_hw'], batch['boxes'], batch['classes'], anchors[local['image'].shape[1:3]]))
     real = np.asarray(local['valid'])[:, None, None]  # the eval split's padding images are no samples
     for kind, mask in (('positive', positive & real), ('negative', negative & real)):
       for i in range(len(GAMMAS)):

@@ -73,7 +73,7 @@ def make_predict_fn(config, model, mesh):
   def predict(variables, images, image_hw, anchors):
     counts = anchors_lib.level_counts(  # static: shapes are known when jit traces
         images.shape[1:3], tuple(config.anchors.levels), anchors_lib.num_per_location(config.anchors))
-    out = model.apply(variables, images, train=False)
+    out = model.apply(variables, images, image_hw, train=False)
     return postprocess.postprocess(
         out['logits'], out['deltas'], anchors, counts, image_hw, score_thresh=p.score_thresh,
         topk_per_level=p.topk_per_level, nms_iou=p.nms_iou, max_detections=p.max_detections,

@@ -100,7 +100,8 @@ def compute_gradients(state, batch, anchors, *, model, config):
 
   Args:
     state: TrainState.
-    batch: image [B, H, W, 3] float32, boxes [B, M, 4] float32, classes [B, M] int32.
+    batch: image [B, H, W, 3] float32, image_hw [B, 2] float32 (each image's extent on the
+      canvas), boxes [B, M, 4] float32, classes [B, M] int32.
     anchors: [A, 4] float32.
     model: the RetinaNet module.
     config: the run config.
@@ -113,10 +114,11 @@ def compute_gradients(state, batch, anchors, *, model, config):
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}
     if train_bn:
-      outputs, updates = model.apply(variables, batch['image'], train=True, mutable=['batch_stats'])
+      outputs, updates = model.apply(variables, batch['image'], batch['image_hw'], train=True,
+                                     mutable=['batch_stats'])
       batch_stats = updates['batch_stats']
     else:
-      outputs = model.apply(variables, batch['image'], train=True)
+      outputs = model.apply(variables, batch['image'], batch['image_hw'], train=True)
       batch_stats = state.batch_stats
     loss, metrics, normalizer = losses.detection_loss(
         outputs['logits'], outputs['deltas'], anchors, batch['boxes'], batch['classes'],
@@ -302,7 +304,7 @@ def train_and_evaluate(config, workdir):
   try:
     for step in range(start + 1, total + 1):
       local = next(batches)
-      batch = sharding.global_batch({k: local[k] for k in ('image', 'boxes', 'classes')}, mesh)
+      batch = sharding.global_batch({k: local[k] for k in ('image', 'image_hw', 'boxes', 'classes')}, mesh)
       state, metrics = step_fn(state, batch, anchors[local['image'].shape[1:3]])
       # One collective among processes: checked at logged steps only.
       stopping = step % config.train.log_every == 0 and stop.any_process()

@@ -36,7 +36,9 @@ def batch(seed, canvas=(128, 128)):
   xy = r.uniform(0, 90, (b, m, 2)); wh = r.uniform(10, 60, (b, m, 2))
   classes = np.where(r.uniform(size=(b, m)) < 0.2, r.integers(0, 6, (b, m)), -1).astype(np.int32)
   boxes = np.where(classes[..., None] >= 0, np.concatenate([xy, np.minimum(xy + wh, 128)], -1), 0)
-  return {'image': r.normal(size=(b, *canvas, 3)).astype(np.float32),
+  # Images of their own sizes on the canvas: the padding mask is split over devices too.
+  image_hw = r.integers(96, np.array(canvas) + 1, (b, 2)).astype(np.float32)
+  return {'image': r.normal(size=(b, *canvas, 3)).astype(np.float32), 'image_hw': image_hw,
           'boxes': boxes.astype(np.float32), 'classes': classes}
 
 def step_on(devices):

@@ -56,7 +56,7 @@ except RuntimeError:  # tf already initialised its devices; nothing to hide then
 
 DatasetInfo = collections.namedtuple('DatasetInfo', ['num_classes', 'class_names', 'category_ids'])
 
-_TRAIN_KEYS = ('image', 'boxes', 'classes')
+_TRAIN_KEYS = ('image', 'image_hw', 'boxes', 'classes')
 _STAT_KEYS = ('num_degenerate', 'num_crowd', 'num_truncated')
 
 

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from retina_jax.model import conv
+from retina_jax.model import padding
 
 # Detectron's XavierFill / torchvision's kaiming_uniform_(a=1): uniform with variance 1 / fan_in.
 _fpn_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'uniform')
@@ -45,25 +46,26 @@ class FPN(nn.Module):
         param_dtype=jnp.float32, conv_general_dilated=conv.conv_general_dilated, name=name)
 
   @nn.compact
-  def __call__(self, c3, c4, c5):
+  def __call__(self, c3, c4, c5, mask=padding.UNPADDED):
     """Builds the pyramid.
 
     Args:
       c3, c4, c5: [B, H/8, W/8, C3], [B, H/16, W/16, C4], [B, H/32, W/32, C5].
+      mask: padding.ImageMask of the images' canvas; every convolution's input goes through it.
     Returns:
       list over `levels` of [B, H / 2**l, W / 2**l, width] in self.dtype.
     """
     check_levels(self.levels)
     first = self.levels[0]
-    inputs = {3: c3, 4: c4, 5: c5}
-    top_down = self._conv(1, 1, 'lateral_5')(c5)
-    out = {5: self._conv(3, 1, 'output_5')(top_down)}
+    inputs = {3: mask(c3), 4: mask(c4), 5: mask(c5)}
+    top_down = self._conv(1, 1, 'lateral_5')(inputs[5])
+    out = {5: self._conv(3, 1, 'output_5')(mask(top_down))}
     for level in range(4, first - 1, -1):
       top_down = self._conv(1, 1, f'lateral_{level}')(inputs[level]) + _upsample2x(top_down)
-      out[level] = self._conv(3, 1, f'output_{level}')(top_down)
-    x = c5 if self.p6_from == 'c5' else out[5]
+      out[level] = self._conv(3, 1, f'output_{level}')(mask(top_down))
+    x = inputs[5] if self.p6_from == 'c5' else out[5]
     for level in range(6, self.levels[-1] + 1):
       if level > 6:
         x = nn.relu(x)
-      x = out[level] = self._conv(3, 2, f'p{level}')(x)
+      x = out[level] = self._conv(3, 2, f'p{level}')(mask(x))
     return [out[level] for level in self.levels]

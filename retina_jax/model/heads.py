@@ -12,11 +12,46 @@ import math
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from retina_jax.model import conv
+from retina_jax.model import padding
 
 _head_init = nn.initializers.normal(stddev=0.01)
+
+
+class GroupNorm(nn.Module):
+  """flax's nn.GroupNorm(32) with statistics over the image's cells only (padding.py).
+
+  Without `cells` it is flax's arithmetic and parameters exactly (checkpoints and numbers
+  unchanged). flax's own `mask=` would do for the cells but gives NaN on an image with none,
+  as the padding rows of an evaluation batch are; here the zeroed map is averaged over all
+  cells and rescaled by all cells / image cells (at least one).
+  """
+  num_groups: int = 32
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, cells=None):
+    """x: [B, h, w, C]; cells: [B, h, w, C] bool, True on the image, or None -> [B, h, w, C] in self.dtype."""
+    b, h, w, c = x.shape
+    g = x.astype(jnp.float32).reshape(b, h, w, self.num_groups, c // self.num_groups)  # [B, h, w, G, C/G]
+    axes = (1, 2, 4)
+    if cells is not None:
+      cells = cells.reshape(g.shape)
+      g = jnp.where(cells, g, 0.0)
+    mean, mean2 = g.mean(axes), jnp.square(g).mean(axes)  # [B, G]
+    if cells is not None:
+      share = h * w * (c // self.num_groups) / jnp.maximum(cells.sum(axes, dtype=jnp.float32), 1.0)  # [B, G]
+      mean, mean2 = mean * share, mean2 * share
+    var = jnp.maximum(0.0, mean2 - jnp.square(mean))  # E[x^2] - E[x]^2, as flax's default
+    stat = lambda s: jnp.repeat(s, c // self.num_groups, axis=-1)[:, None, None, :]  # [B, 1, 1, C]
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    y = (x - stat(mean)) * (jax.lax.rsqrt(stat(var) + self.epsilon) * scale) + bias
+    return y.astype(self.dtype)
 
 
 class Subnet(nn.Module):
@@ -35,15 +70,15 @@ class Subnet(nn.Module):
         conv_general_dilated=conv.conv_general_dilated, name=name)
 
   @nn.compact
-  def __call__(self, x):
-    """x: [B, h, w, C] -> [B, h, w, out_features] in self.dtype."""
+  def __call__(self, x, mask=padding.UNPADDED):
+    """x: [B, h, w, C] -> [B, h, w, out_features] in self.dtype; see padding.py for `mask`."""
+    x = mask(x)
     for i in range(self.num_convs):
       # A conv followed by GroupNorm has no bias (torchvision v2's head), its shift is the norm's.
       x = self._conv(self.width, self.norm == 'none', 0.0, f'conv_{i}')(x)
       if self.norm == 'group':
-        x = nn.GroupNorm(num_groups=32, epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32,
-                         name=f'norm_{i}')(x)
-      x = nn.relu(x)
+        x = GroupNorm(dtype=self.dtype, name=f'norm_{i}')(x, mask.cells(x))
+      x = mask(nn.relu(x))
     return self._conv(self.out_features, True, self.out_bias, 'out')(x)
 
 
@@ -58,11 +93,12 @@ class RetinaHead(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, features):
+  def __call__(self, features, mask=padding.UNPADDED):
     """Applies the subnets to every level.
 
     Args:
       features: list over levels of [B, h_l, w_l, C].
+      mask: padding.ImageMask of the images' canvas.
     Returns:
       logits: [B, A, K] float32, A = sum_l h_l * w_l * num_anchors, order (level, y, x, a).
       deltas: [B, A, 4] float32 (dx, dy, dw, dh), same order.
@@ -76,7 +112,7 @@ class RetinaHead(nn.Module):
     for x in features:
       b, h, w, _ = x.shape
       # Channel a * K + k of cell (y, x) becomes row (y * w + x) * n + a, column k.
-      logits.append(cls_net(x).reshape(b, h * w * n, k))  # [B, h*w*n, K]
-      deltas.append(box_net(x).reshape(b, h * w * n, 4))  # [B, h*w*n, 4]
+      logits.append(cls_net(x, mask).reshape(b, h * w * n, k))  # [B, h*w*n, K]
+      deltas.append(box_net(x, mask).reshape(b, h * w * n, 4))  # [B, h*w*n, 4]
     return (jnp.concatenate(logits, axis=1).astype(jnp.float32),
             jnp.concatenate(deltas, axis=1).astype(jnp.float32))

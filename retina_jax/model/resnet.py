@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from retina_jax import errors
 from retina_jax.model import conv
+from retina_jax.model import padding
 
 BN_EPS = 1e-5  # torchvision BatchNorm2d and FrozenBatchNorm2d
 # torchvision's kaiming_normal_(mode='fan_out', nonlinearity='relu') for backbone convs.
@@ -67,8 +68,8 @@ class FrozenBatchNorm(nn.Module):
   epsilon: float = BN_EPS
 
   @nn.compact
-  def __call__(self, x):
-    """x: [..., C] -> [..., C] in self.dtype."""
+  def __call__(self, x, mask=None):
+    """x: [..., C] -> [..., C] in self.dtype; `mask` (statistics' cells) is unused: they are fixed."""
     shape = (x.shape[-1],)
     stat = lambda name, init: self.variable('batch_stats', name, init, shape, jnp.float32).value
     scale, bias = stat('scale', jnp.ones), stat('bias', jnp.zeros)
@@ -107,25 +108,26 @@ class Block(nn.Module):
   use_running_average: bool
   dtype: Any
 
-  def norm(self, name):
-    return norm_layer(self.freeze_bn, self.use_running_average, self.dtype, name)
+  def norm(self, name, y, mask):
+    return norm_layer(self.freeze_bn, self.use_running_average, self.dtype, name)(y, mask=mask.cells(y))
 
   @nn.compact
-  def __call__(self, x):
-    """x: [B, H, W, C_in] -> [B, H / stride, W / stride, planes * expansion]."""
+  def __call__(self, x, mask=padding.UNPADDED):
+    """x: [B, H, W, C_in] -> [B, H / stride, W / stride, planes * expansion]; see padding.py for `mask`."""
+    x = mask(x)
     if self.bottleneck:
       out_features = self.planes * 4
       width = int(self.planes * self.width_per_group / 64) * self.groups
-      y = nn.relu(self.norm('bn1')(_conv(width, 1, 1, self.dtype, 'conv1')(x)))
+      y = mask(nn.relu(self.norm('bn1', _conv(width, 1, 1, self.dtype, 'conv1')(x), mask)))
       y = _conv(width, 3, self.stride, self.dtype, 'conv2', self.groups)(y)
-      y = nn.relu(self.norm('bn2')(y))
-      y = self.norm('bn3')(_conv(out_features, 1, 1, self.dtype, 'conv3')(y))
+      y = mask(nn.relu(self.norm('bn2', y, mask)))
+      y = self.norm('bn3', _conv(out_features, 1, 1, self.dtype, 'conv3')(y), mask)
     else:
       out_features = self.planes
-      y = nn.relu(self.norm('bn1')(_conv(self.planes, 3, self.stride, self.dtype, 'conv1')(x)))
-      y = self.norm('bn2')(_conv(self.planes, 3, 1, self.dtype, 'conv2')(y))
+      y = mask(nn.relu(self.norm('bn1', _conv(self.planes, 3, self.stride, self.dtype, 'conv1')(x), mask)))
+      y = self.norm('bn2', _conv(self.planes, 3, 1, self.dtype, 'conv2')(y), mask)
     if self.stride != 1 or x.shape[-1] != out_features:
-      x = self.norm('downsample_bn')(_conv(out_features, 1, self.stride, self.dtype, 'downsample_conv')(x))
+      x = self.norm('downsample_bn', _conv(out_features, 1, self.stride, self.dtype, 'downsample_conv')(x), mask)
     return nn.relu(x + y)
 
 
@@ -138,22 +140,25 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train=False):
+  def __call__(self, x, train=False, mask=padding.UNPADDED):
     """Runs the trunk.
 
     Args:
       x: [B, H, W, 3] images, any float dtype (cast to self.dtype).
       train: batch statistics for trainable BatchNorm (ignored when freeze_bn).
+      mask: padding.ImageMask of the images' canvas (see padding.py).
     Returns:
       (c3, c4, c5): [B, H/8, W/8, C3], [B, H/16, W/16, C4], [B, H/32, W/32, C5] in self.dtype.
     """
     bottleneck, blocks, groups, width_per_group = spec(self.backbone)
     if bottleneck and int(self.width * width_per_group / 64) == 0:
       raise ValueError(f'config.model.backbone_width {self.width} is too small for {self.backbone}')
-    x = x.astype(self.dtype)
+    x = mask(x.astype(self.dtype))
     # A frozen stage keeps its running statistics too (detectron2 converts it to FrozenBN).
     bn1 = norm_layer(self.freeze_bn, not train or self.freeze_at >= 1, self.dtype, 'bn1')
-    x = nn.relu(bn1(_conv(self.width, 7, 2, self.dtype, 'conv1')(x)))
+    x = _conv(self.width, 7, 2, self.dtype, 'conv1')(x)
+    # Zeros after the ReLU pool like the -inf padding of an image alone: every value is >= 0.
+    x = mask(nn.relu(bn1(x, mask=mask.cells(x))))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     if self.freeze_at >= 1:
       # Nothing below a frozen stage needs gradients: cut the backward pass here.
@@ -166,7 +171,7 @@ class ResNet(nn.Module):
             planes=self.width * 2**(stage - 1), stride=2 if i == 0 and stage > 1 else 1,
             bottleneck=bottleneck, groups=groups, width_per_group=width_per_group,
             freeze_bn=self.freeze_bn, use_running_average=not train or frozen, dtype=self.dtype,
-            name=f'layer{stage}_{i}')(x)
+            name=f'layer{stage}_{i}')(x, mask)
       if frozen:
         x = jax.lax.stop_gradient(x)
       features.append(x)

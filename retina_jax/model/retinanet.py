@@ -2,8 +2,8 @@
 
   model = build(config)
   variables = init_variables(config, model, rng)        # {'params', 'batch_stats'}
-  out = model.apply(variables, images, train=False)     # {'logits', 'deltas'}
-  out, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
+  out = model.apply(variables, images, image_hw, train=False)   # {'logits', 'deltas'}
+  out, updates = model.apply(variables, images, image_hw, train=True, mutable=['batch_stats'])
                                                         # only when model.freeze_bn is False
 
 Frozen BatchNorm keeps all of its vectors in 'batch_stats', so the optimizer
@@ -21,6 +21,7 @@ from flax import traverse_util
 from retina_jax import anchors
 from retina_jax.model import fpn as fpn_lib
 from retina_jax.model import heads
+from retina_jax.model import padding
 from retina_jax.model import resnet
 from retina_jax.model import torchvision_weights
 
@@ -43,11 +44,14 @@ class RetinaNet(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images, train=False):
+  def __call__(self, images, image_hw=None, train=False):
     """Runs the detector.
 
     Args:
       images: [B, H, W, 3] float32, normalized; H and W divisible by 2**max(levels).
+      image_hw: [B, 2] float32 (height, width) of each image on the canvas, the rest being
+        padding: the outputs on an image then do not depend on its canvas (padding.py).
+        None: every image fills the canvas.
       train: use and update batch statistics (only for trainable BatchNorm).
     Returns:
       dict(logits=[B, A, K] float32, deltas=[B, A, 4] float32) in the anchor order of anchors.py.
@@ -57,13 +61,14 @@ class RetinaNet(nn.Module):
       raise ValueError(
           f'RetinaNet: images must be [B, H, W, 3] with H, W divisible by {stride} (the stride of '
           f'level {self.levels[-1]}), got shape {tuple(images.shape)}')
+    mask = padding.ImageMask(image_hw, images.shape[1:3])
     c3, c4, c5 = resnet.ResNet(
         self.backbone, self.backbone_width, self.freeze_bn, self.freeze_at, self.dtype,
-        name='backbone')(images, train=train)
-    features = fpn_lib.FPN(self.fpn_width, self.levels, self.p6_from, self.dtype, name='fpn')(c3, c4, c5)
+        name='backbone')(images, train=train, mask=mask)
+    features = fpn_lib.FPN(self.fpn_width, self.levels, self.p6_from, self.dtype, name='fpn')(c3, c4, c5, mask)
     logits, deltas = heads.RetinaHead(
         self.num_classes, self.num_anchors, self.head_width, self.head_convs, self.head_norm,
-        self.prior_prob, self.dtype, name='head')(features)
+        self.prior_prob, self.dtype, name='head')(features, mask)
     return {'logits': logits, 'deltas': deltas}
 
 
