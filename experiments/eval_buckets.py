@@ -1,11 +1,11 @@
 r"""One trained model evaluated on size buckets and on the single square canvas: AP and detections.
 
-Padding changes the activations near an image's right and bottom edges (the receptive fields
-of the coarse levels reach into it), so the two canvases give slightly different detections.
-This prints both COCO AP rows and compares the detections image by image: each detection of
-the bucket run is matched to the square run's detection of the same class with the highest
-IoU, separately for detections well inside the image (at least --margin canvas pixels from its
-right and bottom edges) and for those near them.
+The network keeps the padding out of every convolution and norm (retina_jax/model/padding.py),
+so the two canvases should give the same detections up to float rounding (the convolutions
+run over different sizes). This prints both COCO AP rows and compares the detections image
+by image: each detection of the bucket run is matched to the square run's detection of the
+same class with the highest IoU, separately for detections well inside the image (at least
+--margin canvas pixels from its right and bottom edges) and for those near them.
 
   python -m experiments.eval_buckets --config configs/shapes.py:buckets --workdir runs/buckets
   python -m experiments.eval_buckets --config configs/base.py --workdir gs://.../r50 \

@@ -2,12 +2,17 @@
 
 import os
 
+import flax
+import jax
 import numpy as np
 import pytest
 from pycocotools import coco as coco_api
 
 from retina_jax import evaluate
+from retina_jax import sharding
 from retina_jax import visualize
+from retina_jax.data import pipeline
+from retina_jax.model import retinanet
 
 
 def _ground_truth():
@@ -150,3 +155,44 @@ def test_without_a_checkpoint_the_pretrained_weights_are_evaluated_as_step_0(tmp
   config.model.pretrained = None
   with pytest.raises(FileNotFoundError, match=r'no checkpoint in .*run/checkpoints and no config\.model\.pretrained'):
     evaluate.evaluate_checkpoint(config, workdir)
+
+
+def test_buckets_and_the_square_canvas_give_the_same_detections(tiny_config):
+  """What experiments/eval_buckets.py measures on a trained model, here on a random one.
+
+  The network masks the padding (model/padding.py), so each image's detections must not
+  depend on the canvas it was padded to.
+  """
+  c = tiny_config
+  c.data.shapes.varied_sizes = True
+  c.data.use_buckets = True
+  c.data.min_size, c.data.max_size = 96, 160
+  c.data.buckets = ((128, 128), (128, 256), (256, 128))
+  c.postprocess.score_thresh = 0.0  # every image keeps its top detections, however unsure
+  square = c.copy_and_resolve_references()
+  square.data.use_buckets, square.data.canvas = False, (256, 256)
+  mesh = sharding.make_mesh()
+  model = retinanet.build(c)
+  variables = retinanet.init_variables(c, model, jax.random.key(0))
+  # Spread the scores: at init every anchor sits near the 1% prior.
+  variables['params'] = flax.traverse_util.path_aware_map(
+      lambda path, v: v * 30.0 if path[-2] == 'out' and path[-1] == 'kernel' else v, variables['params'])
+  found = {}
+  for name, config in (('buckets', c), ('square', square)):
+    predict, anchors = evaluate.make_predict_fn(config, model, mesh), evaluate.device_anchors(config, mesh)
+    rows, canvases = [], set()
+    for local in pipeline.eval_iterator(config):
+      canvases.add(local['image'].shape[1:3])
+      batch = sharding.global_batch(local, mesh)
+      dets = jax.device_get(predict(variables, batch['image'], batch['image_hw'], anchors[local['image'].shape[1:3]]))
+      rows.append(evaluate.to_coco_rows(dets, local, pipeline.dataset_info(config).category_ids))
+    rows = np.concatenate(rows)
+    found[name] = {i: rows[rows[:, 0] == i] for i in np.unique(rows[:, 0])}
+    assert len(canvases) >= (2 if name == 'buckets' else 1), canvases  # more than one bucket is exercised
+  assert found['buckets'].keys() == found['square'].keys()
+  for image_id, a in found['buckets'].items():
+    b = found['square'][image_id]  # rows [image_id, x, y, w, h, score, category]
+    np.testing.assert_allclose(np.sort(a[:, 5]), np.sort(b[:, 5]), atol=1e-5)
+    for row in a[np.argsort(-a[:, 5])][:10]:  # the same box and class is among the square run's
+      same = (b[:, 6] == row[6]) & (np.abs(b[:, 1:5] - row[1:5]).max(1) < 1e-3)
+      assert same.any(), (image_id, row)
