@@ -10,8 +10,9 @@ same outputs on any canvas that holds it (buckets and the square canvas agree; d
 and torchvision's outputs depend on the other images of the batch), equal to a forward of
 the image alone with each convolution's own zero padding.
 
-Where the image fills its canvas the mask is all ones and changes no bit: the forward on
-such inputs still equals torchvision's.
+Where the image fills its canvas the mask is all ones and changes no bit of the convolutions
+and BatchNorm (the forward on such inputs still equals torchvision's); heads.GroupNorm's
+statistics are then summed in another order (the last bits move).
 
 A cell of a feature map with stride s covers the image when its index is below
 ceil(image extent / s): exactly the cells a forward on the image alone would have.
