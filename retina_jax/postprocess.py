@@ -53,12 +53,9 @@ def postprocess(logits, deltas, anchors, level_counts, image_hw, *, score_thresh
                 weights=(1.0, 1.0, 1.0, 1.0), clamp=math.log(1000.0 / 16)):
   """Detections per image from the flattened head outputs.
 
-  Anchors centred outside an image's valid area (on the canvas padding) give no
-  detections: their cells exist on one canvas and not on another, so keeping them
-  would make detections depend on the canvas (model/padding.py); where the image
-  fills the canvas every anchor is centred on it. Boxes are clipped to each image's
-  valid area before NMS; a box left with zero area by clipping is dropped, as it can
-  only be a false positive.
+  Boxes are clipped to each image's valid area before NMS; a box left with zero
+  area by clipping (an anchor over the padding predicting outside the image)
+  is dropped, as it can only be a false positive.
 
   Args:
     logits: [B, A, K] class logits (any float dtype; computed in float32).
@@ -80,10 +77,6 @@ def postprocess(logits, deltas, anchors, level_counts, image_hw, *, score_thresh
   if sum(level_counts) != logits.shape[1] or anchors.shape[0] != logits.shape[1]:
     raise ValueError(f'postprocess: level_counts {level_counts} (sum {sum(level_counts)}), anchors '
                      f'{anchors.shape} and logits {logits.shape} disagree on the number of anchors')
-  image_hw = jnp.asarray(image_hw, jnp.float32)
-  centre = (anchors[:, :2] + anchors[:, 2:]) / 2  # [A, 2] (x, y)
-  on_image = (centre[None, :, 0] < image_hw[:, 1:]) & (centre[None, :, 1] < image_hw[:, :1])  # [B, A]
-  logits = jnp.where(on_image[..., None], logits, -jnp.inf)
   # One reduction over [B, A, K]; XLA on CPU reduces slices of it ~10x slower.
   best = jnp.max(logits, axis=-1)  # [B, A]
   parts, start = [], 0
@@ -92,6 +85,7 @@ def postprocess(logits, deltas, anchors, level_counts, image_hw, *, score_thresh
                                    score_thresh, weights, clamp))
     start += count
   boxes, scores, classes = (jnp.concatenate(p, axis=1) for p in zip(*parts))  # [B, N, ...]
+  image_hw = jnp.asarray(image_hw, jnp.float32)
   boxes = boxes_lib.clip(boxes, image_hw[:, :1], image_hw[:, 1:])
   scores = jnp.where(boxes_lib.area(boxes) > 0, scores, -jnp.inf)
 

@@ -121,7 +121,7 @@ def test_train_on_random_mock_examples():
     it = pipeline.train_iterator(config, stats=stats)
     batches = [next(it) for _ in range(4)]
   for b in batches:
-    assert set(b) == {'image', 'boxes', 'classes'}
+    assert set(b) == {'image', 'image_hw', 'boxes', 'classes'}
     assert b['image'].shape == (2, 128, 128, 3) and b['image'].dtype == np.float32
     assert b['boxes'].shape == (2, 100, 4) and b['classes'].dtype == np.int32
     valid = b['classes'] >= 0

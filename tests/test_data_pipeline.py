@@ -44,7 +44,7 @@ def test_train_batches(tfds_dir):
   stats = pipeline.DataStats()
   batches = _take(pipeline.train_iterator(_config(tfds_dir), stats=stats), 2)
   b = batches[0]
-  assert set(b) == {'image', 'boxes', 'classes'}
+  assert set(b) == {'image', 'image_hw', 'boxes', 'classes'}
   assert b['image'].shape == (4, 128, 128, 3) and b['image'].dtype == np.float32
   assert b['boxes'].shape == (4, 12, 4) and b['classes'].shape == (4, 12)
   # 64 x 64 images on a 128 canvas: normalized content, zero (mean colour) padding.

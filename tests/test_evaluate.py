@@ -190,9 +190,12 @@ def test_buckets_and_the_square_canvas_give_the_same_detections(tiny_config):
     found[name] = {i: rows[rows[:, 0] == i] for i in np.unique(rows[:, 0])}
     assert len(canvases) >= (2 if name == 'buckets' else 1), canvases  # more than one bucket is exercised
   assert found['buckets'].keys() == found['square'].keys()
-  for image_id, a in found['buckets'].items():
-    b = found['square'][image_id]  # rows [image_id, x, y, w, h, score, category]
-    np.testing.assert_allclose(np.sort(a[:, 5]), np.sort(b[:, 5]), atol=1e-5)
-    for row in a[np.argsort(-a[:, 5])][:10]:  # the same box and class is among the square run's
-      same = (b[:, 6] == row[6]) & (np.abs(b[:, 1:5] - row[1:5]).max(1) < 1e-3)
-      assert same.any(), (image_id, row)
+  # Each image's best 10 detections of either run are among the other's (same box, class and
+  # score). Not all 100: anchors centred on the padding exist on one canvas only, and at a
+  # threshold of 0 their near-prior scores fill the tail.
+  for image_id in found['buckets']:
+    for a, b in ((found['buckets'][image_id], found['square'][image_id]),
+                 (found['square'][image_id], found['buckets'][image_id])):
+      for row in a[np.argsort(-a[:, 5])][:10]:  # [image_id, x, y, w, h, score, category]
+        same = (b[:, 6] == row[6]) & (np.abs(b[:, 1:5] - row[1:5]).max(1) < 1e-3) & (np.abs(b[:, 5] - row[5]) < 1e-5)
+        assert same.any(), (image_id, row)

@@ -111,18 +111,14 @@ def test_postprocess_hand_made():
 
 def test_postprocess_top_k_threshold_and_clipping():
   logits, deltas, image_hw = _hand_made_case()
-  # One pair per level. Anchor 3, the best of level one, is centred outside the 80 x 80 image (on
-  # the padding), so it does not compete: level one's best on the image (anchor 0) is kept.
+  # One pair per level: level one's best (anchor 3, outside the image) is dropped, not replaced.
   out = _run(logits, deltas, image_hw, topk_per_level=1, max_detections=5)
-  assert np.asarray(out['classes'][0]).tolist() == [1, 0, -1, -1, -1]
+  assert np.asarray(out['classes'][0]).tolist() == [0, -1, -1, -1, -1]
   out = _run(logits, deltas, image_hw, score_thresh=0.6, max_detections=5)
   assert np.asarray(out['classes'][0]).tolist() == [1, 2, -1, -1, -1]
-  # An image holding anchor 3's centre keeps it (clipped to the image), its score ranks it first.
-  out = _run(logits, deltas, np.array([[101, 105], [100, 100]], np.float32), max_detections=5)
-  np.testing.assert_allclose(out['boxes'][0, 0], [90, 90, 105, 101], atol=1e-5)
-  # One whose edge passes through the centre does not (the centre must lie on the image).
+  # A larger image keeps anchor 3 (clipped to it) and its score ranks it first.
   out = _run(logits, deltas, np.array([[100, 105], [100, 100]], np.float32), max_detections=5)
-  assert np.asarray(out['classes'][0]).tolist()[0] == 1
+  np.testing.assert_allclose(out['boxes'][0, 0], [90, 90, 105, 100], atol=1e-5)
   # max_detections truncates to the best.
   out = _run(logits, deltas, image_hw, max_detections=2)
   assert np.asarray(out['classes'][0]).tolist() == [1, 2]
@@ -133,10 +129,8 @@ def numpy_postprocess(logits, deltas, anchors, counts, image_hw, score_thresh, t
   results = []
   for i in range(logits.shape[0]):
     boxes, scores, classes, start = [], [], [], 0
-    centre = (anchors[:, :2] + anchors[:, 2:]) / 2
-    on_image = (centre[:, 0] < image_hw[i, 1]) & (centre[:, 1] < image_hw[i, 0])  # anchors on padding: none
     for n in counts:
-      flat = np.where(on_image[start:start + n, None], logits[i, start:start + n], -np.inf).reshape(-1)
+      flat = logits[i, start:start + n].reshape(-1)
       order = np.argsort(-flat, kind='stable')[:topk]
       order = order[1 / (1 + np.exp(-flat[order].astype(np.float64))) > score_thresh]
       level_boxes = np.array(box_coder.decode(deltas[i, start + order // logits.shape[2]],

@@ -5,10 +5,12 @@ input are not enough: after a convolution's bias or a norm's shift the padded ce
 values, and every convolution pads the canvas edge with zeros, so a cell near an image's
 right or bottom edge would depend on how much canvas lies beyond it, and a GroupNorm's
 statistics on all of it. The network therefore zeroes the cells outside the image before
-every convolution and leaves them out of every norm's statistics. Then an image gives the
+every convolution and leaves them out of GroupNorm's statistics. Then an image gives the
 same outputs on any canvas that holds it (buckets and the square canvas agree; detectron2's
 and torchvision's outputs depend on the other images of the batch), equal to a forward of
-the image alone with each convolution's own zero padding.
+the image alone with each convolution's own zero padding. One exception: trainable
+BatchNorm's batch statistics, while training, still take in the padding (resnet.Block.norm
+says why); frozen BatchNorm (the paper's) and every evaluation are canvas independent.
 
 Where the image fills its canvas the mask is all ones and changes no bit of the convolutions
 and BatchNorm (the forward on such inputs still equals torchvision's); heads.GroupNorm's
