@@ -160,9 +160,8 @@ class ResNet(nn.Module):
     x = mask(x.astype(self.dtype))
     # A frozen stage keeps its running statistics too (detectron2 converts it to FrozenBN).
     bn1 = norm_layer(self.freeze_bn, not train or self.freeze_at >= 1, self.dtype, 'bn1')
-    x = _conv(self.width, 7, 2, self.dtype, 'conv1')(x)
     # Zeros after the ReLU pool like the -inf padding of an image alone: every value is >= 0.
-    x = mask(nn.relu(bn1(x)))
+    x = mask(nn.relu(bn1(_conv(self.width, 7, 2, self.dtype, 'conv1')(x))))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     if self.freeze_at >= 1:
       # Nothing below a frozen stage needs gradients: cut the backward pass here.
