@@ -304,7 +304,7 @@ def train_and_evaluate(config, workdir):
   try:
     for step in range(start + 1, total + 1):
       local = next(batches)
-      batch = sharding.global_batch({k: local[k] for k in ('image', 'image_hw', 'boxes', 'classes')}, mesh)
+      batch = sharding.global_batch(local, mesh)  # the train keys of pipeline.train_iterator
       state, metrics = step_fn(state, batch, anchors[local['image'].shape[1:3]])
       # One collective among processes: checked at logged steps only.
       stopping = step % config.train.log_every == 0 and stop.any_process()
