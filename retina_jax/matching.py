@@ -17,8 +17,11 @@ Rules (paper sec. 4, with Detectron2's matcher conventions), per image:
     matches detections (non-crowd boxes first, crowd regions only for the rest).
   * An image without valid boxes is all negatives.
 
-Images are processed one at a time with `jax.lax.map`, so the peak memory is one
-[A, M] IoU matrix, not [B, A, M]: 100 boxes x 200k anchors is 80 MB per image.
+Images go through `jax.lax.map` in chunks whose [A, M] IoU matrices together stay
+under _IOU_BYTES, so the peak memory is bounded, not [B, A, M]: COCO's 100 boxes x
+200k anchors (80 MB) go one image at a time, while a small canvas's batch goes in
+one vectorised chunk (on the CPU demo a loop of 16 small images cost 27 ms of a
+216 ms train step; vectorised it is 11 ms less).
 """
 
 import jax
@@ -27,6 +30,8 @@ import jax.numpy as jnp
 from retina_jax import box_coder
 from retina_jax import boxes as boxes_lib
 from retina_jax import errors
+
+_IOU_BYTES = 64 * 2**20
 
 
 def _check(anchors, gt_boxes, gt_classes, gt_crowd, fg_iou, bg_iou):
@@ -106,7 +111,11 @@ def match(anchors, gt_boxes, gt_classes, *, fg_iou=0.5, bg_iou=0.4, low_quality=
     return _match_image(anchors, boxes, classes, crowd, fg_iou, bg_iou, low_quality)
 
   # Without crowd flags the crowd step is left out rather than run on a constant.
-  return jax.lax.map(one_image, (gt_boxes, gt_classes, gt_crowd))  # ([B, A], [B, A])
+  images = (gt_boxes, gt_classes, gt_crowd)
+  chunk = _IOU_BYTES // (anchors.shape[0] * gt_boxes.shape[1] * 4)
+  if chunk >= gt_boxes.shape[0]:
+    return jax.vmap(one_image)(images)  # ([B, A], [B, A])
+  return jax.lax.map(one_image, images, batch_size=max(1, chunk))
 
 
 def assign(anchors, gt_boxes, gt_classes, *, fg_iou=0.5, bg_iou=0.4, low_quality=True,

@@ -165,15 +165,31 @@ def test_no_recompile_for_new_values():
   assert targets._cache_size() == 1
 
 
-def test_peak_memory_is_one_image():
-  # 16 images x 100 boxes x 49,104 anchors (512 x 512 canvas): [B, A, M] float32 would be
-  # 314 MB; one image's [A, M] IoU is 19.6 MB. Compiled only, not run.
-  a_count, b_count, m_count = 49104, 16, 100
-  compiled = jax.jit(matching.assign).lower(
+def _assign_lowered(a_count, b_count, m_count):
+  return jax.jit(matching.assign).lower(
       jax.ShapeDtypeStruct((a_count, 4), jnp.float32), jax.ShapeDtypeStruct((b_count, m_count, 4), jnp.float32),
-      jax.ShapeDtypeStruct((b_count, m_count), jnp.int32)).compile()
-  temp = compiled.memory_analysis().temp_size_in_bytes
-  assert temp < 4 * a_count * m_count * 4, temp
+      jax.ShapeDtypeStruct((b_count, m_count), jnp.int32))
+
+
+def test_peak_memory_is_one_chunk(monkeypatch):
+  # 16 images x 100 boxes x 49,104 anchors (512 x 512 canvas): [B, A, M] float32 would be
+  # 314 MB; one image's [A, M] IoU is 19.6 MB. With a budget below two images' IoU the
+  # images go one at a time, as COCO's 200k anchors do under the default. Compiled only, not run.
+  a_count, b_count, m_count = 49104, 16, 100
+  one_image = a_count * m_count * 4
+  monkeypatch.setattr(matching, '_IOU_BYTES', one_image + 1)
+  temp = _assign_lowered(a_count, b_count, m_count).compile().memory_analysis().temp_size_in_bytes
+  assert temp < 4 * one_image, temp
+  monkeypatch.undo()
+  temp = _assign_lowered(a_count, b_count, m_count).compile().memory_analysis().temp_size_in_bytes
+  assert temp < 4 * matching._IOU_BYTES < b_count * one_image, temp
+
+
+def test_a_small_batch_is_one_vectorised_chunk():
+  # The demo's batch (16 images x 32 boxes x 3,069 anchors) has no loop over images.
+  text = _assign_lowered(3069, 16, 32).as_text()
+  assert 'stablehlo.while' not in text
+  assert 'stablehlo.while' in _assign_lowered(200_000, 16, 100).as_text()
 
 
 def test_box_targets_decode_to_matched_boxes():
