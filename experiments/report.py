@@ -15,6 +15,7 @@ import numpy as np
 
 METRICS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'time_ms')
 NOTES = '## Notes'
+CURVE_WINDOW = 50  # steps in the learning curves' moving mean
 
 
 def percent_metrics(raw):
@@ -87,7 +88,7 @@ def _imbalance(results, dataset):
           '(`python -m experiments.imbalance`, which states how it is estimated).']
 
 
-def markdown(name, module, dataset, results, command, plot_file, notes=''):
+def markdown(name, module, dataset, results, command, plot_file, notes='', curves_file=None):
   """The results file's text.
 
   Args:
@@ -100,6 +101,7 @@ def markdown(name, module, dataset, results, command, plot_file, notes=''):
     command: the runner's command line.
     plot_file: the plot's file name, beside the results file.
     notes: the hand-written '## Notes' section to keep, or ''.
+    curves_file: the learning curves' file name (`plot_curves`), or None when no run logged a loss.
   """
   # The metrics the paper prints for this table; a table of one's own without paper numbers gets COCO's three.
   keys = [k for k in METRICS if any(k in r['paper'] for r in results)] or ['AP', 'AP50', 'AP75']
@@ -143,7 +145,12 @@ def markdown(name, module, dataset, results, command, plot_file, notes=''):
   else:
     lines[-1] += 'too few rows to compare.'
   lines += _imbalance(results, dataset)
-  lines += ['', f'![{name} trend]({plot_file})', '', NOTES, '', notes.strip() or
+  lines += ['', f'![{name} trend]({plot_file})']
+  if curves_file:
+    lines += ['', 'Learning curves: the training loss of each seed (a moving mean over '
+              f'{CURVE_WINDOW} steps), to show whether a row still learns when its schedule ends.',
+              '', f'![{name} learning curves]({curves_file})']
+  lines += ['', NOTES, '', notes.strip() or
             '(Where the trends agree with the paper and where not: written after the runs.)', '']
   return '\n'.join(lines)
 
@@ -196,8 +203,42 @@ def plot(name, module, results, path):
   plt.close(fig)
 
 
+def plot_curves(name, results, path):
+  """One panel per row with results: each seed's training loss against the step, as a PNG.
+
+  Returns:
+    Whether there was a curve to draw (nothing is written otherwise).
+  """
+  rows = [r for r in results if any(len(steps) for steps, _ in (r.get('loss_per_seed') or {}).values())]
+  if not rows:
+    return False
+  cols = min(4, len(rows))
+  lines = (len(rows) + cols - 1) // cols
+  fig, axes = plt.subplots(lines, cols, figsize=(3.3 * cols, 2.6 * lines), squeeze=False, sharex=True)
+  for ax, r in zip(axes.flat, rows):
+    for seed, (steps, loss) in sorted(r['loss_per_seed'].items()):
+      if len(loss) >= CURVE_WINDOW:
+        smooth = np.convolve(loss, np.ones(CURVE_WINDOW) / CURVE_WINDOW, mode='valid')
+        steps, loss = steps[CURVE_WINDOW - 1:], smooth
+      ap = (r.get('ap_per_seed') or {}).get(seed)
+      ax.plot(steps, loss, lw=1, label=f'seed {seed}' + (f': AP {ap:.1f}' if ap is not None else ''))
+    ax.set_yscale('log')
+    ax.set_title(r['row'], fontsize=9)
+    ax.grid(alpha=0.3, which='both')
+    ax.legend(fontsize=7)
+  for ax in list(axes.flat)[len(rows):]:
+    ax.axis('off')
+  for ax in axes[-1]:
+    ax.set_xlabel('step')
+  fig.suptitle(f'{name}: training loss per seed', fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return True
+
+
 def write(name, module, dataset, results, results_dir, command):
-  """Writes <results_dir>/<name>_<dataset>.md and .png, keeping the file's hand-written notes.
+  """Writes <results_dir>/<name>_<dataset>.md, .png and _curves.png, keeping the hand-written notes.
 
   Returns:
     (markdown path, png path).
@@ -212,6 +253,9 @@ def write(name, module, dataset, results, results_dir, command):
     if NOTES in old:
       notes = old.split(NOTES, 1)[1]
   plot(name, module, results, png_path)
+  curves_path = os.path.join(results_dir, f'{name}_{dataset}_curves.png')
+  curves = plot_curves(name, results, curves_path)
   with open(md_path, 'w') as f:
-    f.write(markdown(name, module, dataset, results, command, os.path.basename(png_path), notes))
+    f.write(markdown(name, module, dataset, results, command, os.path.basename(png_path), notes,
+                     os.path.basename(curves_path) if curves else None))
   return md_path, png_path

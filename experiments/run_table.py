@@ -14,11 +14,12 @@ leaves mostly idle); all rows of a seed run before the next seed's. --dry-run pr
 these commands instead, for a cluster's job scheduler. A row whose workdir already
 holds an evaluation is not run again (--force reruns it), so an interrupted table
 resumes and a table trained elsewhere is collected by running the same command over
-its workdirs. Then experiments/results/<table>_<d>.md gets the paper's numbers beside
+its workdirs (--collect writes the results from the workdirs as they are and trains
+nothing). Then experiments/results/<table>_<d>.md gets the paper's numbers beside
 ours (mean +- sd over the seeds run) with the imbalance training met (anchors per
-positive anchor, from each run's num_pos), and <table>_<d>.png the table's trend
-with the seeds' spread; a '## Notes' section written by hand in the results file is
-kept when the file is rewritten. For a table with
+positive anchor, from each run's num_pos), <table>_<d>.png the table's trend with
+the seeds' spread, and <table>_<d>_curves.png each seed's training loss per row; a
+'## Notes' section written by hand in the results file is kept when the file is rewritten. For a table with
 measure_time (Table 1e) the runner also times inference (model + post-processing, jitted, after warm-up) per image
 on its own device, after each row trains; --retime times every trained row again
 in one pass, for when other jobs shared the device while the rows trained.
@@ -189,18 +190,28 @@ def seed_workdirs(root, row):
   return dict(sorted(found.items()))
 
 
+def metric_series(workdir, key):
+  """(steps, values) of one metric of a run's metrics.jsonl, by step; ([], []) without the file.
+
+  A step logged twice (a run resumed from a checkpoint before it) keeps its last value.
+  """
+  path = os.path.join(workdir, 'metrics.jsonl')
+  by_step = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          entry = json.loads(line)
+          by_step[int(entry['step'])] = float(entry[key])
+        except (ValueError, KeyError):  # a torn last line, or a line of another kind
+          continue
+  steps = sorted(by_step)
+  return steps, [by_step[s] for s in steps]
+
+
 def positives_per_image(workdir, batch_size):
   """Mean positive anchors per training image of a run, from metrics.jsonl's num_pos; None without."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return None
-  counts = []
-  with open(path) as f:
-    for line in f:
-      try:
-        counts.append(float(json.loads(line)['num_pos']))
-      except (ValueError, KeyError):  # a torn last line, or a line of another kind
-        continue
+  _, counts = metric_series(workdir, 'num_pos')
   return float(np.mean(counts)) / batch_size if counts else None
 
 
@@ -209,13 +220,14 @@ def collect(module, names, dataset, schedule, root):
 
   Each dict: row, paper, ours (mean per metric, None when no seed has finished), sd (per
   metric, None with fewer than 2 seeds), ap_per_seed, seeds (how many finished), step,
-  config, hardware, date, wall_s, failed, anchors_per_positive (training's imbalance).
+  config, hardware, date, wall_s, failed, anchors_per_positive (training's imbalance),
+  loss_per_seed ({seed: (steps, training loss)} of the finished seeds: the learning curves).
   """
   results = []
   for row in names:
     config = module.get_config(config_arg(row, dataset, schedule))
     num_anchors = len(anchors_lib.from_config(config))
-    runs, records, ratios = [], [], []
+    runs, records, ratios, curves = [], [], [], {}
     for seed, workdir in seed_workdirs(root, row).items():
       record = {}
       if os.path.exists(os.path.join(workdir, _RECORD)):
@@ -229,6 +241,7 @@ def collect(module, names, dataset, schedule, root):
       if 'time_ms' in record:
         ours['time_ms'] = record['time_ms']
       runs.append((seed, found[0], ours))
+      curves[seed] = metric_series(workdir, 'loss')
       positives = positives_per_image(workdir, config.train.batch_size)
       if positives:
         ratios.append(num_anchors / positives)
@@ -248,6 +261,7 @@ def collect(module, names, dataset, schedule, root):
                    if any(r.get('wall_s') is not None for r in records) else None),
         'failed': any(r.get('returncode', 0) != 0 for r in records) and not runs,
         'anchors_per_positive': float(np.mean(ratios)) if ratios else None,
+        'loss_per_seed': curves,
     })
   return results
 
@@ -263,6 +277,9 @@ def main(argv=None):
   parser.add_argument('--parallel', type=int, default=1,
                       help='runs at once, each taking 1/N of the accelerator\'s memory')
   parser.add_argument('--dry-run', action='store_true', help='print one command per row, run nothing')
+  parser.add_argument('--collect', action='store_true',
+                      help='write the results file from the workdirs as they are, train nothing '
+                           '(for rows still training, or trained elsewhere)')
   parser.add_argument('--force', action='store_true', help='rerun rows that already have an evaluation')
   parser.add_argument('--retime', action='store_true',
                       help='Table 1e: time every trained row again, one after the other, and keep '
@@ -302,6 +319,8 @@ def main(argv=None):
       print(f'{label}: already evaluated in {workdir}, skipped', flush=True)
     else:
       todo.append((label, row, seed, workdir))
+  if args.collect:
+    todo = []  # what is not evaluated yet shows as "not run"
 
   command = f'python -m experiments.run_table {args.config} --dataset {args.dataset}'
   if args.schedule != 1.0:

@@ -150,6 +150,18 @@ def test_runner_trains_rows_in_turn_skips_done_ones_and_reports_failures(tmp_pat
   assert '| gamma_2 | 34.0 / 50.00 |' in text and '| gamma_5 |' in text and 'failed' in text
 
 
+def test_collect_writes_results_and_trains_nothing(tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(run_table, 'row_command', lambda *a, **k: pytest.fail('--collect must not train'))
+  _fake_row(tmp_path / 'runs' / 'table1b_gamma_sparse' / 'gamma_2', 0.4, num_pos=[80.0, 96.0])
+  args = ['configs/table1b_gamma.py', '--dataset', 'sparse', '--seeds', '2', '--collect',
+          '--workdir-root', str(tmp_path / 'runs'), '--results-dir', str(tmp_path / 'results')]
+  assert run_table.main(args) == 0
+  assert 'gamma_2 seed 0: already evaluated' in capsys.readouterr().out
+  text = (tmp_path / 'results' / 'table1b_gamma_sparse.md').read_text()
+  assert '| gamma_2 | 34.0 / 40.00 |' in text and '| gamma_5 | 32.2 / - |' in text
+  assert '![table1b_gamma learning curves](table1b_gamma_sparse_curves.png)' in text
+
+
 def test_figure4_samples_and_cumulative_share(tmp_path):
   import numpy as np
   from experiments import figure4
@@ -215,6 +227,21 @@ def test_collect_means_sds_and_imbalance_over_seeds(tmp_path):
   assert 'Best row gamma_0.1 leads' not in text  # gamma_0.1 has one seed: no spread to compare with
   assert 'Imbalance met in training: 1,' in text and 'COCO at 600 px: about 644' in text
   assert open(png, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+  # Learning curves: each finished seed's loss by step (the torn last line left out).
+  assert g2['loss_per_seed'] == {seed: ([1, 2], [1.0, 1.0]) for seed in range(3)}
+  assert results['gamma_5']['loss_per_seed'] == {}
+  curves = tmp_path / 'results' / 'table1b_gamma_sparse_curves.png'
+  assert f'![table1b_gamma learning curves]({curves.name})' in text
+  assert curves.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_metric_series_keeps_a_resumed_steps_last_value(tmp_path):
+  with open(tmp_path / 'metrics.jsonl', 'w') as f:
+    for step, loss in ((1, 3.0), (2, 2.0), (3, 1.5), (2, 2.5), (3, 1.0), (4, 0.5)):
+      f.write(json.dumps({'step': step, 'loss': loss}) + '\n')
+    f.write(json.dumps({'step': 5}) + '\n')  # a line without the key
+  assert run_table.metric_series(str(tmp_path), 'loss') == ([1, 2, 3, 4], [3.0, 2.5, 1.0, 0.5])
+  assert run_table.metric_series(str(tmp_path / 'none'), 'loss') == ([], [])
 
 
 def test_spread_check_calls_a_small_lead_noise():
