@@ -4,6 +4,7 @@
 so it runs on fake metrics in the tests as on real runs.
 """
 
+import collections
 import datetime
 import os
 
@@ -88,6 +89,14 @@ def _imbalance(results, dataset):
           '(`python -m experiments.imbalance`, which states how it is estimated).']
 
 
+def _code_versions(results):
+  counts = collections.Counter(v or 'not recorded' for r in results for v in (r.get('code') or {}).values())
+  if not counts:
+    return []
+  return ['', 'Code the runs started from (the runner\'s commit): ' +
+          ', '.join(f'{version} ({n} run{"s" * (n > 1)})' for version, n in sorted(counts.items())) + '.']
+
+
 def markdown(name, module, dataset, results, command, plot_file, notes='', curves_file=None):
   """The results file's text.
 
@@ -145,6 +154,7 @@ def markdown(name, module, dataset, results, command, plot_file, notes='', curve
   else:
     lines[-1] += 'too few rows to compare.'
   lines += _imbalance(results, dataset)
+  lines += _code_versions(results)
   lines += ['', f'![{name} trend]({plot_file})']
   if curves_file:
     lines += ['', 'Learning curves: the training loss of each seed (a moving mean over '

@@ -110,6 +110,20 @@ def hardware():
   return f'{len(devices)} x {devices[0].device_kind} ({devices[0].platform}, {os.cpu_count()} host cores)'
 
 
+def code_version():
+  """The runner's checkout as '<commit>' ('+edits' with uncommitted changes to tracked files), or None outside git.
+
+  Recorded per run: a change that only reorders float sums moves a toy row as much as a seed does.
+  """
+  def git(*args):
+    return subprocess.run(['git', *args], capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(RESULTS_DIR)).stdout.strip()
+  try:
+    return git('rev-parse', '--short=7', 'HEAD') + ('+edits' if git('status', '--porcelain', '--untracked-files=no') else '')
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
 def time_per_image(config, workdir, *, batches=5, warmup=2):
   """Inference time per image in ms: jitted model forward + post-processing.
 
@@ -156,7 +170,7 @@ def run_row(config_path, module, row, dataset, schedule, workdir, *, measure_tim
     share: how many rows run at once; each may take 1 / share of an accelerator's memory
       (JAX otherwise reserves 75% of it per process).
   Returns:
-    The record (command, hardware, date, wall_s, returncode, time_ms when measured).
+    The record (command, hardware, code, date, wall_s, returncode, time_ms when measured).
   """
   os.makedirs(workdir, exist_ok=True)
   cmd = row_command(config_path, row, dataset, schedule, workdir, seed)
@@ -164,11 +178,12 @@ def run_row(config_path, module, row, dataset, schedule, workdir, *, measure_tim
   env = dict(os.environ)
   if share > 1:
     env['XLA_PYTHON_CLIENT_MEM_FRACTION'] = f'{0.9 / share:.3f}'
+  code = code_version()  # what the run starts from, not what the checkout holds hours later
   tick = time.time()
   with open(log, 'a') as f:
     returncode = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False, env=env).returncode
   record = {'command': shlex.join(cmd), 'config': config_arg(row, dataset, schedule, seed),
-            'hardware': hardware(), 'wall_s': round(time.time() - tick, 1),
+            'hardware': hardware(), 'code': code, 'wall_s': round(time.time() - tick, 1),
             'date': datetime.date.today().isoformat(), 'returncode': returncode}
   if returncode == 0 and measure_time:
     config = module.get_config(config_arg(row, dataset, schedule))
@@ -221,13 +236,14 @@ def collect(module, names, dataset, schedule, root):
   Each dict: row, paper, ours (mean per metric, None when no seed has finished), sd (per
   metric, None with fewer than 2 seeds), ap_per_seed, seeds (how many finished), step,
   config, hardware, date, wall_s, failed, anchors_per_positive (training's imbalance),
-  loss_per_seed ({seed: (steps, training loss)} of the finished seeds: the learning curves).
+  loss_per_seed ({seed: (steps, training loss)} of the finished seeds: the learning curves),
+  code ({seed: the runner's code_version, None where not recorded} of the finished seeds).
   """
   results = []
   for row in names:
     config = module.get_config(config_arg(row, dataset, schedule))
     num_anchors = len(anchors_lib.from_config(config))
-    runs, records, ratios, curves = [], [], [], {}
+    runs, records, ratios, curves, code = [], [], [], {}, {}
     for seed, workdir in seed_workdirs(root, row).items():
       record = {}
       if os.path.exists(os.path.join(workdir, _RECORD)):
@@ -242,6 +258,7 @@ def collect(module, names, dataset, schedule, root):
         ours['time_ms'] = record['time_ms']
       runs.append((seed, found[0], ours))
       curves[seed] = metric_series(workdir, 'loss')
+      code[seed] = record.get('code')
       positives = positives_per_image(workdir, config.train.batch_size)
       if positives:
         ratios.append(num_anchors / positives)
@@ -262,6 +279,7 @@ def collect(module, names, dataset, schedule, root):
         'failed': any(r.get('returncode', 0) != 0 for r in records) and not runs,
         'anchors_per_positive': float(np.mean(ratios)) if ratios else None,
         'loss_per_seed': curves,
+        'code': code,
     })
   return results
 

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import shlex
 import sys
 
@@ -42,7 +43,7 @@ def test_rows_filter_and_bad_names(capsys):
     run_table.main(['configs/base.py', '--dry-run'])
 
 
-def _fake_row(workdir, ap, step=100, time_ms=None, num_pos=None):
+def _fake_row(workdir, ap, step=100, time_ms=None, num_pos=None, code='abc1234'):
   os.makedirs(workdir, exist_ok=True)
   if num_pos is not None:  # what training logs per step: positives in the global batch
     with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
@@ -52,7 +53,7 @@ def _fake_row(workdir, ap, step=100, time_ms=None, num_pos=None):
   metrics = {'AP': ap, 'AP50': ap + 0.2, 'AP75': ap - 0.05, 'APs': 0.1, 'APm': 0.2, 'APl': 0.3, 'step': step}
   with open(os.path.join(workdir, f'eval_{step}.json'), 'w') as f:
     json.dump(metrics, f)
-  record = {'hardware': 'fake', 'date': '2024-01-01', 'wall_s': 12.0, 'returncode': 0}
+  record = {'hardware': 'fake', 'code': code, 'date': '2024-01-01', 'wall_s': 12.0, 'returncode': 0}
   if time_ms is not None:
     record['time_ms'] = time_ms
   with open(os.path.join(workdir, 'run_table.json'), 'w') as f:
@@ -148,6 +149,9 @@ def test_runner_trains_rows_in_turn_skips_done_ones_and_reports_failures(tmp_pat
   assert 'gamma_1: already evaluated' in capsys.readouterr().out
   text = (tmp_path / 'results' / 'table1b_gamma_shapes.md').read_text()
   assert '| gamma_2 | 34.0 / 50.00 |' in text and '| gamma_5 |' in text and 'failed' in text
+  record = json.loads((tmp_path / 'runs' / 'table1b_gamma_shapes' / 'gamma_2' / 'run_table.json').read_text())
+  assert record['code'] == run_table.code_version()
+  assert re.fullmatch(r'[0-9a-f]{7}(\+edits)?', record['code']), record['code']  # the tests run in a checkout
 
 
 def test_collect_writes_results_and_trains_nothing(tmp_path, monkeypatch, capsys):
@@ -208,7 +212,7 @@ def test_collect_means_sds_and_imbalance_over_seeds(tmp_path):
     _fake_row(root / ('gamma_2' if seed == 0 else f'gamma_2_seed{seed}'), ap, num_pos=[80.0, 96.0])
   _fake_row(root / 'gamma_0', 0.20, num_pos=[80.0])
   _fake_row(root / 'gamma_0_seed1', 0.21)
-  _fake_row(root / 'gamma_0.1_seed1', 0.5)  # another row whose name starts the same
+  _fake_row(root / 'gamma_0.1_seed1', 0.5, code=None)  # another row whose name starts the same
   names = run_table.table_rows(table1b_gamma)
   results = {r['row']: r for r in run_table.collect(table1b_gamma, names, 'sparse', 1.0, str(root))}
   g2 = results['gamma_2']
@@ -229,6 +233,8 @@ def test_collect_means_sds_and_imbalance_over_seeds(tmp_path):
   assert open(png, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
   # Learning curves: each finished seed's loss by step (the torn last line left out).
   assert g2['loss_per_seed'] == {seed: ([1, 2], [1.0, 1.0]) for seed in range(3)}
+  assert g2['code'] == {0: 'abc1234', 1: 'abc1234', 2: 'abc1234'}
+  assert 'Code the runs started from (the runner\'s commit): abc1234 (5 runs), not recorded (1 run).' in text
   assert results['gamma_5']['loss_per_seed'] == {}
   curves = tmp_path / 'results' / 'table1b_gamma_sparse_curves.png'
   assert f'![table1b_gamma learning curves]({curves.name})' in text
