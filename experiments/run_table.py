@@ -111,7 +111,7 @@ def hardware():
 
 
 def code_version():
-  """The runner's checkout as '<commit>' ('+edits' with uncommitted changes to tracked files), or None outside git.
+  """The runner's checkout: '<commit>', '<commit>+edits' with uncommitted changes to tracked files, None outside git.
 
   Recorded per run: a change that only reorders float sums moves a toy row as much as a seed does.
   """
@@ -119,9 +119,11 @@ def code_version():
     return subprocess.run(['git', *args], capture_output=True, text=True, check=True,
                           cwd=os.path.dirname(RESULTS_DIR)).stdout.strip()
   try:
-    return git('rev-parse', '--short=7', 'HEAD') + ('+edits' if git('status', '--porcelain', '--untracked-files=no') else '')
+    commit = git('rev-parse', '--short=7', 'HEAD')
+    edited = git('status', '--porcelain', '--untracked-files=no')
   except (OSError, subprocess.CalledProcessError):
     return None
+  return commit + ('+edits' if edited else '')
 
 
 def time_per_image(config, workdir, *, batches=5, warmup=2):
