@@ -20,7 +20,8 @@ Times are medians of --repeats calls after one warm-up call; compile time apart.
 --profile DIR also traces one train step of each model (jax.profiler, into DIR) and prints
 its time by XLA operation (fusions named by their kind: `ynn_fusion` the forward and
 input-gradient convolutions, `dot_general` this module's kernel-gradient products,
-`slice_bitcast_fusion` their input patches, ...). Run it on one core: with more
+`slice_bitcast_fusion` their input patches, ...) and by model part (the Flax module an
+operation came from, forward or backward, or the step's code outside the model). Run it on one core: with more
 threads an operation's event ends before its work on the thread pool does.
 """
 
@@ -158,7 +159,11 @@ def rest_of_step(config, repeats):
 
 
 def profile_step(config, directory):
-  """Seconds of one traced train step by XLA operation kind, largest first, and the step's wall time."""
+  """One traced train step's seconds by XLA operation kind and by model part, largest first, and its wall time.
+
+  A model part is where the operation came from: the Flax module path of its metadata
+  (backbone stage, FPN, the head's two subnets; 'fwd' or 'bwd'), or the step's code outside the model.
+  """
   step_fn, state, batch, anchors = bench_train.setup(config)
   compiled = step_fn.lower(state, batch, anchors).compile()
   for _ in range(2):  # warm-up
@@ -172,12 +177,26 @@ def profile_step(config, directory):
   newest = max(glob.glob(os.path.join(directory, 'plugins/profile/*/*.trace.json.gz')), key=os.path.getmtime)
   with gzip.open(newest) as f:
     events = json.load(f)['traceEvents']
-  seconds = collections.Counter()
+  origin = dict(re.findall(r'%([\w.\-]+) = [^\n]*?metadata=\{op_name="([^"]+)"', compiled.as_text()))
+  kinds, parts = collections.Counter(), collections.Counter()
   for e in events:
     # Complete events of the compiled program's thunks: not Python ($...) nor the executor's own.
     if e.get('ph') == 'X' and not e['name'].startswith(('$', 'Thunk', 'Pjit', 'Common', 'Slinky')):
-      seconds[re.sub(r'\.\d+$', '', e['name'])] += e['dur'] / 1e6
-  return seconds.most_common(), wall
+      kinds[re.sub(r'\.\d+$', '', e['name'])] += e['dur'] / 1e6
+      parts[_model_part(origin.get(e['name'], ''))] += e['dur'] / 1e6
+  return kinds.most_common(), parts.most_common(), wall
+
+
+def _model_part(op_name):
+  """'head/cls_net bwd', 'backbone/layer3 fwd', 'matching (while loop)', ... from an op's metadata name."""
+  if not op_name:
+    return '(no metadata: layout copies, iotas)'
+  path = op_name.split('/')
+  if 'RetinaNet)' not in op_name:
+    return 'step outside the model: ' + ('while loop' if '/while' in op_name else path[-1])
+  inside = path[next(i for i, p in enumerate(path) if 'RetinaNet)' in p) + 1:]
+  module = '/'.join(re.sub(r'_\d+$', '', p) for p in inside[:2] if '(' not in p)
+  return f'{module} {"bwd" if op_name.startswith("jit(step)/transpose(") else "fwd"}'
 
 
 def main():
@@ -198,11 +217,13 @@ def main():
   cases = [(f'R50-FPN, {args.batch} x {h} x {w}, 80 classes', r50),
            ('the demo (configs/shapes.py), 16 x 128 x 128', shapes.get_config())]
   for title, config in cases if args.profile else ():
-    kinds, wall = profile_step(config, args.profile)
-    print(f'\nOne train step of {title}, traced: {wall:.3f} s wall, {sum(s for _, s in kinds):.3f} s in operations')
-    print('| operation | s | share |\n|---|---|---|')
-    for name, s in kinds[:12]:
-      print(f'| {name} | {s:.3f} | {s / wall:.0%} |')
+    kinds, parts, wall = profile_step(config, args.profile)
+    total = sum(s for _, s in kinds)
+    print(f'\nOne train step of {title}, traced: {wall:.3f} s wall, {total:.3f} s in operations')
+    for what, rows in (('operation', kinds), ('model part', parts)):
+      print(f'| {what} | s | share of the operations |\n|---|---|---|')
+      for name, s in rows[:12]:
+        print(f'| {name} | {s:.3f} | {s / total:.0%} |')
   if args.skip_network:
     return
   for title, config in cases:
