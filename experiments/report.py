@@ -68,9 +68,11 @@ SCALES = {
 
 def _spread_check(done):
   """A sentence on whether the best row's lead over the runner-up exceeds the seeds' spread."""
-  if len(done) < 2 or not all(r['sd'] for r in done[:2]):
+  if len(done) < 2:
     return ''
   best, second = sorted(done, key=lambda r: -r['ours']['AP'])[:2]
+  if not (best['sd'] and second['sd']):  # a row of one seed has no spread to compare with
+    return ''
   gap = best['ours']['AP'] - second['ours']['AP']
   spread = max(best['sd']['AP'], second['sd']['AP'])
   verdict = 'beyond' if gap > spread else 'within'

@@ -254,6 +254,11 @@ def test_spread_check_calls_a_small_lead_noise():
   row = lambda name, ap, sd: {'row': name, 'ours': {'AP': ap}, 'sd': {'AP': sd}}
   assert 'within' in report._spread_check([row('a', 30.0, 1.0), row('b', 29.5, 0.8)])
   assert 'beyond' in report._spread_check([row('a', 30.0, 1.0), row('b', 25.0, 0.8)])
+  # The best two rows by AP decide, wherever they stand in the table; one of one seed gives no sentence.
+  one_seed = {'row': 'c', 'ours': {'AP': 35.0}, 'sd': None}
+  assert report._spread_check([row('a', 30.0, 1.0), row('b', 25.0, 0.8), one_seed]) == ''
+  assert 'Best row a leads b' in report._spread_check([one_seed | {'ours': {'AP': 20.0}}, row('a', 30.0, 1.0),
+                                                       row('b', 25.0, 0.8)])
 
 
 def test_parallel_seeds_all_run_and_are_collected(tmp_path, monkeypatch):
