@@ -21,8 +21,9 @@ Times are medians of --repeats calls after one warm-up call; compile time apart.
 its time by XLA operation (fusions named by their kind: `ynn_fusion` the forward and
 input-gradient convolutions, `dot_general` this module's kernel-gradient products,
 `slice_bitcast_fusion` their input patches, ...) and by model part (the Flax module an
-operation came from, forward or backward, or the step's code outside the model). Run it on one core: with more
-threads an operation's event ends before its work on the thread pool does.
+operation came from, forward or backward, or the step's code outside the model). Run it
+on one core: with more threads an operation's event ends before its work on the thread
+pool does.
 """
 
 import argparse
@@ -188,7 +189,7 @@ def profile_step(config, directory):
 
 
 def _model_part(op_name):
-  """'head/cls_net bwd', 'backbone/layer3 fwd', 'matching (while loop)', ... from an op's metadata name."""
+  """'head/cls_net bwd', 'backbone/layer3 fwd', 'step outside the model: exp', ... from an op's metadata name."""
   if not op_name:
     return '(no metadata: layout copies, iotas)'
   path = op_name.split('/')
