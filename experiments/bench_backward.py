@@ -5,7 +5,8 @@ r"""Where a CPU train step's time goes: the convolutions' gradients, the network
   taskset -c 0 python -m experiments.bench_backward --skip-network --profile /tmp/prof   # where a step's time goes
 
 Prints, in one run and for both kernel-gradient paths of retina_jax/model/conv.py
-('xla': XLA's own convolution gradient; 'matmul': the CPU path the package uses):
+('xla': XLA's own convolution gradient everywhere; 'matmul': the package's CPU path, matrix
+products where conv.matmul_is_faster says so, which for dense 3x3 kernels is this CPU's timing):
   1. single convolutions (batch 2, NHWC): forward, gradient wrt the input, gradient
      wrt the kernel;
   2. R50-FPN RetinaNet, 80 classes, 2 images of 512 x 640 (the paper's model,
@@ -209,7 +210,9 @@ def main():
   parser.add_argument('--profile', metavar='DIR', help='also trace one train step of each model into DIR')
   args = parser.parse_args()
   device = jax.devices()[0]
-  print(f'{jax.device_count()} x {device.platform} ({device.device_kind}), jax {jax.__version__}')
+  print(f'{jax.device_count()} x {device.platform} ({device.device_kind}), jax {jax.__version__}; '
+        f'dense 3x3 kernel gradients on this CPU: '
+        f'{"matrix products" if conv.dense_products_win_here() else "XLA"} (conv.dense_products_win_here)')
   conv_table(args.repeats)
   r50 = base.get_config()
   r50.data.canvas = tuple(args.canvas)

@@ -71,8 +71,8 @@ def test_forward_and_input_gradient_are_xlas_own_and_kernel_gradient_equal(
 
 
 def test_bfloat16_kernel_gradient_keeps_the_kernels_dtype():
-  # 256-wide so that the matmul path is taken; accumulated in float32 like XLA's.
-  x, kernel = _inputs(3, 256, 256, 4, 4, 1, jnp.bfloat16)
+  # Twice as wide out as in, so that the matmul path is taken; accumulated in float32 like XLA's.
+  x, kernel = _inputs(3, 128, 256, 4, 4, 1, jnp.bfloat16)
   assert conv.matmul_is_faster(kernel.shape, 1)
   dx, dkernel = _grads(conv.conv_general_dilated, x, kernel, 1, 1, ((1, 1), (1, 1)))
   dx_xla, dkernel_xla = _grads(lax.conv_general_dilated, x, kernel, 1, 1, ((1, 1), (1, 1)))
@@ -86,9 +86,12 @@ def test_which_kernels_take_the_matmul_path():
   assert conv.matmul_is_faster((1, 1, 64, 64), 1)  # any 1x1
   assert conv.matmul_is_faster((3, 3, 8, 256), 32)  # ResNeXt's grouped 3x3
   assert conv.matmul_is_faster((3, 3, 256, 720), 1)  # the classification output
-  assert conv.matmul_is_faster((3, 3, 64, 64), 1)  # ResNet's layer1
+  assert conv.matmul_is_faster((3, 3, 64, 128), 1)  # any output twice as wide as the input
   assert not conv.matmul_is_faster((3, 3, 256, 36), 1)  # the box output: narrow
   assert not conv.matmul_is_faster((7, 3, 3, 64), 1)  # the stem: 3 input channels
+  # ResNet's layer1, the subnets' 256 -> 256: whichever this CPU timed faster.
+  for shape in ((3, 3, 64, 64), (3, 3, 256, 256)):
+    assert conv.matmul_is_faster(shape, 1) == conv.dense_products_win_here()
 
 
 def _lowered_grad(platform, kernel_shape, groups=1):
@@ -113,9 +116,24 @@ def test_matmul_kernel_gradient_only_on_cpu(kernel_shape, groups):
 def test_ungrouped_kernel_gradient_is_a_plain_matrix_product():
   # A batch axis (the group axis, even of size 1) makes XLA's CPU dot copy the patch into a
   # transposed layout first, which cost R50-FPN's train step a sixth of its time.
-  cpu = _lowered_grad('cpu', (3, 3, 64, 64))
+  cpu = _lowered_grad('cpu', (3, 3, 64, 128))
   assert cpu.count('stablehlo.dot_general') == 9 and 'batching_dims' not in cpu
   assert 'batching_dims' in _lowered_grad('cpu', (3, 3, 8, 256), 32)
+
+
+def test_dense_kernels_follow_this_cpus_timing(monkeypatch):
+  conv.dense_products_win_here.cache_clear()
+  cpu = _lowered_grad('cpu', (3, 3, 64, 64))  # times both while the gradient is traced, once
+  products = conv.dense_products_win_here()
+  assert isinstance(products, bool) and conv.dense_products_win_here.cache_info().misses == 1
+  assert (cpu.count('stablehlo.dot_general') == 9) == products
+  assert ('stablehlo.convolution' in cpu) == (not products)
+  for timed in (True, False):  # what either outcome builds, on CPU and elsewhere
+    monkeypatch.setattr(conv, 'dense_products_win_here', lambda timed=timed: timed)
+    cpu = _lowered_grad('cpu', (3, 3, 64, 64))
+    assert (cpu.count('stablehlo.dot_general') == 9) == timed and ('stablehlo.convolution' in cpu) != timed
+    cuda = _lowered_grad('cuda', (3, 3, 64, 64))
+    assert 'stablehlo.convolution' in cuda and 'stablehlo.dot_general' not in cuda
 
 
 def test_narrow_kernel_keeps_xlas_gradient_on_cpu_too():

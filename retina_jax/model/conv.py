@@ -1,25 +1,31 @@
 """The network's convolution: XLA's forward, and a faster kernel gradient on CPU.
 
-XLA's CPU backend computes a convolution's kernel gradient (a correlation of the
-input with the output gradient, whose "window" is the whole feature map) up to
-20x slower than the forward convolution of the same size; on GPU and TPU it is
-fine. The kernel gradient is a sum over output positions of (input patch)^T @
-(output gradient), so on CPU it is computed here as one matrix product per kernel
-tap (k*k products of [P, C_in]^T @ [P, C_out], P = B * H_out * W_out), which runs
-at the speed of Eigen's matrix multiply, for the kernels where that measured
-faster (`matmul_is_faster`). The forward pass and the input gradient are XLA's
-own, unchanged, and every other backend keeps XLA's kernel gradient: the choice is
-made when the step is compiled, per platform (`lax.platform_dependent`), so nothing
-needs configuring. experiments/bench_backward.py times both paths side by side.
+XLA's CPU backend can compute a convolution's kernel gradient (a correlation of the
+input with the output gradient, whose "window" is the whole feature map) many times
+slower than the forward convolution of the same size; on GPU and TPU it is fine.
+The kernel gradient is a sum over output positions of (input patch)^T @ (output
+gradient), so on CPU it is computed here as one matrix product per kernel tap (k*k
+products of [P, C_in]^T @ [P, C_out], P = B * H_out * W_out), which runs at the
+speed of the matrix multiply, for the kernels where that measured faster
+(`matmul_is_faster`). How much faster depends on the CPU: on one machine the
+products won 3-4x on every dense 3x3 kernel of R50-FPN, on an AVX-512 AMD EPYC
+they lost 1.3-2x there (XLA's own is within 1.3x of its forward), so for those
+kernels the choice is timed once per process (`dense_products_win_here`). The
+forward pass and the input gradient are XLA's own, unchanged, and every other
+backend keeps XLA's kernel gradient: the choice is made when the step is compiled,
+per platform (`lax.platform_dependent`), so nothing needs configuring.
+experiments/bench_backward.py times both paths side by side.
 
 Use: `nn.Conv(..., conv_general_dilated=conv.conv_general_dilated)`, a drop-in for
 `lax.conv_general_dilated` with the same parameters and forward numbers.
 """
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
@@ -83,20 +89,57 @@ def _sum_over_positions(patch, dy):
 def matmul_is_faster(kernel_shape, groups):
   """Whether `kernel_grad_matmul` beats XLA's CPU kernel gradient for this kernel.
 
-  Measured per layer of R50-FPN and of the demo (experiments/bench_backward.py,
-  README "Benchmarks"): a 1x1 kernel is one matrix product and wins 6-10x; a
-  grouped kernel wins by orders of magnitude (XLA's grouped kernel gradient takes
-  seconds); a k x k kernel wins 1.0-4.5x once both sides of its products are >= 64
-  channels, and loses up to 5x below that, where each of its k * k products is too
-  thin (the 256 -> 36 box output, the demo's 16-32-wide layers and its 7x7 stem on 3
-  channels; R50's stem on 3 channels would win, but configs/base.py freezes it).
+  Measured per layer of R50-FPN and of the demo on two CPUs (experiments/bench_backward.py,
+  README "Benchmarks"). On both, a 1x1 kernel (one matrix product) wins 2-10x, a grouped
+  kernel by orders of magnitude (XLA's grouped kernel gradient takes seconds), and a k x k
+  kernel whose output is at least twice as wide as its input (the classification output,
+  256 -> 720) 2-4.5x; a kernel under 64 channels on either side loses up to 5x, its k * k
+  products being too thin (the 256 -> 36 box output, the demo's 16-32-wide layers, the 7x7
+  stem on 3 channels). The other dense k x k kernels (ResNet's 3x3, the FPN's and the
+  subnets' 256 -> 256) won 1.0-4.5x on one CPU and lost 1.3-2x on another, so for them this
+  CPU's timing decides (`dense_products_win_here`).
 
   Args:
     kernel_shape: (k_h, k_w, C_in / groups, C_out).
     groups: feature_group_count.
   """
   kh, kw, cig, co = kernel_shape
-  return kh * kw == 1 or groups > 1 or min(cig, co) >= 64
+  if kh * kw == 1 or groups > 1:
+    return True
+  if min(cig, co) < 64:
+    return False
+  return co >= 2 * cig or dense_products_win_here()
+
+
+@functools.cache
+def dense_products_win_here():
+  """Whether, on this process's CPU, the tap products clearly beat XLA's dense 3x3 kernel gradient.
+
+  Times both (best of 3 after a warm-up, ~0.5 s once per process) on a 3x3 64 -> 64 kernel
+  at 4 x 64 x 64, where they differ most: XLA's took 3.6x as long as the products on one
+  CPU and half as long on the other. Called while a train step is traced, so it runs
+  compiled executables directly; on an accelerator the CPU branch is never used, and
+  nothing is timed. The products must win by 25%, so a CPU where both are close keeps
+  XLA's own and the choice does not flip from run to run.
+  """
+  if jax.default_backend() != 'cpu':
+    return True
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(4, 64, 64, 64)).astype(np.float32)
+  dy = rng.normal(size=(4, 64, 64, 64)).astype(np.float32)
+  args = ((3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)), 1)
+  seconds = []
+  for fn in (_kernel_grad_xla, kernel_grad_matmul):
+    compiled = jax.jit(lambda x, dy, fn=fn: fn(x, dy, *args)).lower(x, dy).compile()
+    jax.block_until_ready(compiled(x, dy))
+    runs = []
+    for _ in range(3):
+      start = time.perf_counter()
+      jax.block_until_ready(compiled(x, dy))
+      runs.append(time.perf_counter() - start)
+    seconds.append(min(runs))
+  xla_s, products_s = seconds
+  return xla_s > 1.25 * products_s
 
 
 def _kernel_grad_xla(x, dy, kernel_shape, strides, padding, groups):
