@@ -1,5 +1,5 @@
 # Two entry points for a fresh clone; each sets up its own virtual environment from pyproject.toml.
-#   make demo   train + evaluate a small RetinaNet on the built-in synthetic dataset (2 CPU cores: ~7 min)
+#   make demo   train + evaluate a small RetinaNet on the built-in synthetic dataset (2 CPU cores: 5-7 min)
 #   make test   the test suite (slow end-to-end tests included)
 PYTHON ?= python3
 VENV := .venv
