@@ -115,15 +115,18 @@ def matmul_is_faster(kernel_shape, groups):
 def dense_products_win_here():
   """Whether, on this process's CPU, the tap products clearly beat XLA's dense 3x3 kernel gradient.
 
-  Times both (best of 3 after a warm-up, ~0.5 s once per process) on a 3x3 64 -> 64 kernel
-  at 4 x 64 x 64, where they differ most: XLA's took 3.6x as long as the products on one
-  CPU and half as long on the other. Called while a train step is traced, so it runs
-  compiled executables directly; on an accelerator the CPU branch is never used, and
-  nothing is timed. The products must win by 25%, so a CPU where both are close keeps
-  XLA's own and the choice does not flip from run to run.
+  Times both (best of 3 after a warm-up, under a second, once per process) on a 3x3
+  64 -> 64 kernel at 4 x 64 x 64. At 2 x 128 x 128 XLA's took 320 ms against the products'
+  90 on one CPU, 26 against 56 on another. Called while a train step is traced, so it runs
+  compiled executables directly. The products must win by 25%, so a CPU where both are
+  close keeps XLA's own and the choice does not flip from run to run. Nothing is timed on
+  an accelerator (the CPU branch is never used there) nor in a run of several processes,
+  which must all compile the same program: those keep XLA's own.
   """
   if jax.default_backend() != 'cpu':
     return True
+  if jax.process_count() > 1:
+    return False
   rng = np.random.default_rng(0)
   x = rng.normal(size=(4, 64, 64, 64)).astype(np.float32)
   dy = rng.normal(size=(4, 64, 64, 64)).astype(np.float32)
