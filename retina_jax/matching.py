@@ -72,7 +72,10 @@ def _match_image(anchors, gt_boxes, gt_classes, gt_crowd, fg_iou, bg_iou, low_qu
   target = valid if gt_crowd is None else valid & ~gt_crowd  # [M]
   iou_target = jnp.where(target[None, :], iou, -1.0)  # [A, M]
   best = jnp.max(iou_target, axis=1)  # [A]
-  matched = jnp.argmax(iou_target, axis=1).astype(jnp.int32)  # [A]
+  # The first column holding the maximum, as jnp.argmax gives, but as a plain min-reduction:
+  # XLA's CPU argmax (a reduction over value-index pairs) took longer than the IoU itself.
+  column = jnp.arange(iou_target.shape[1], dtype=jnp.int32)  # [M]
+  matched = jnp.min(jnp.where(iou_target == best[:, None], column, iou_target.shape[1]), axis=1)  # [A]
   labels = jnp.where(best >= fg_iou, 1, jnp.where(best < bg_iou, 0, -1))  # [A]
   if low_quality:
     best_per_gt = jnp.max(iou_target, axis=0)  # [M]
