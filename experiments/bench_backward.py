@@ -8,7 +8,8 @@ Prints, in one run and for both kernel-gradient paths of retina_jax/model/conv.p
 ('xla': XLA's own convolution gradient everywhere; 'matmul': the package's CPU path, matrix
 products where conv.matmul_is_faster says so, which for dense 3x3 kernels is this CPU's timing):
   1. single convolutions (batch 2, NHWC): forward, gradient wrt the input, gradient
-     wrt the kernel;
+     wrt the kernel; and the stem's max pool, its gradient by XLA and by
+     retina_jax/model/pool.py (which both network rows below use);
   2. R50-FPN RetinaNet, 80 classes, 2 images of 512 x 640 (the paper's model,
      freeze_at 2, frozen BatchNorm), then the demo's model and batch: forward,
      forward + backward of the network alone (gradient of a stand-in scalar), the
@@ -37,6 +38,7 @@ import re
 import statistics
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,6 +52,7 @@ from retina_jax import losses
 from retina_jax import sharding
 from retina_jax import train
 from retina_jax.model import conv
+from retina_jax.model import pool
 from retina_jax.model import retinanet
 
 # (kernel, C_in, C_out, H = W, stride, groups): the issue's three, a stride-2 3x3, the stride-2 1x1
@@ -105,6 +108,22 @@ def conv_table(repeats):
         f' g{groups}' if groups > 1 else '')
     print(f'| {name} | {fwd:.0f} | {gx:.0f} | {gw_xla:.0f} | {gw_mm:.0f} | {gw_xla / gw_mm:.1f} | {used} |',
           flush=True)
+
+
+def pool_table(repeats):
+  """The stem's 3x3 / 2 max pool: forward, and its gradient by XLA (select-and-scatter) and by pool.py's taps."""
+  print('\n| max pool 3x3 /2 | forward ms | gradient: xla ms | gradient: taps ms | xla / taps |\n|---|---|---|---|---|')
+  window = ((3, 3), (2, 2), ((1, 1), (1, 1)))
+  for name, shape in (("the demo's stem, 16 x 64 x 64 x 16", (16, 64, 64, 16)),
+                      ("R50's stem, 2 x 256 x 320 x 64", (2, 256, 320, 64))):
+    x = jax.nn.relu(jax.random.normal(jax.random.key(0), shape))
+    y = pool.max_pool(x, *window)
+    dy = jax.random.normal(jax.random.key(1), y.shape)
+    xla = jax.jit(lambda x, dy: jax.vjp(lambda x: nn.max_pool(x, *window), x)[1](dy)[0])
+    taps = jax.jit(lambda x, y, dy: pool.max_pool_grad_taps(x, y, dy, *window))
+    ms = lambda fn, *a: 1000 * _median_s(fn, *a, repeats=repeats)
+    fwd, g_xla, g_taps = ms(jax.jit(lambda x: pool.max_pool(x, *window)), x), ms(xla, x, dy), ms(taps, x, y, dy)
+    print(f'| {name} | {fwd:.1f} | {g_xla:.1f} | {g_taps:.1f} | {g_xla / g_taps:.1f} |', flush=True)
 
 
 def network(path, config, repeats):
@@ -214,6 +233,7 @@ def main():
         f'dense 3x3 kernel gradients on this CPU: '
         f'{"matrix products" if conv.dense_products_win_here() else "XLA"} (conv.dense_products_win_here)')
   conv_table(args.repeats)
+  pool_table(args.repeats)
   r50 = base.get_config()
   r50.data.canvas = tuple(args.canvas)
   r50.train.batch_size = args.batch

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from retina_jax import errors
 from retina_jax.model import conv
 from retina_jax.model import padding
+from retina_jax.model import pool
 
 BN_EPS = 1e-5  # torchvision BatchNorm2d and FrozenBatchNorm2d
 # torchvision's kaiming_normal_(mode='fan_out', nonlinearity='relu') for backbone convs.
@@ -162,7 +163,7 @@ class ResNet(nn.Module):
     bn1 = norm_layer(self.freeze_bn, not train or self.freeze_at >= 1, self.dtype, 'bn1')
     # Zeros after the ReLU pool like the -inf padding of an image alone: every value is >= 0.
     x = mask(nn.relu(bn1(_conv(self.width, 7, 2, self.dtype, 'conv1')(x))))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = pool.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     if self.freeze_at >= 1:
       # Nothing below a frozen stage needs gradients: cut the backward pass here.
       x = jax.lax.stop_gradient(x)
