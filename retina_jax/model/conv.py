@@ -62,14 +62,18 @@ def kernel_grad_matmul(x, dy, kernel_shape, strides, padding, groups):
   taps = []
   for i in range(kh):
     for j in range(kw):
-      # Input pixels that tap (i, j) of the kernel sees at every output position.
-      patch = lax.slice(
-          xp, (0, i, j, 0), (b, i + (ho - 1) * strides[0] + 1, j + (wo - 1) * strides[1] + 1, xp.shape[3]),
-          (1, strides[0], strides[1], 1))  # [B, H_out, W_out, C_in]
+      patch = window_tap(xp, i, j, (ho, wo), strides)  # [B, H_out, W_out, C_in]
       taps.append(_sum_over_positions(patch.reshape(b * ho * wo, groups, cig), dy))
   grad = jnp.stack(taps).reshape(kh, kw, groups, cig, co // groups)
   # HWIO of a grouped convolution: output channel g * (C_out / G) + o belongs to group g.
   return grad.transpose(0, 1, 3, 2, 4).reshape(kernel_shape)
+
+
+def window_tap(xp, i, j, out_hw, strides):
+  """[B, H_out, W_out, C]: the pixels of the padded map xp [B, H, W, C] that tap (i, j) of a window sees at every output."""
+  (ho, wo), (sh, sw) = out_hw, strides
+  end = (xp.shape[0], i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, xp.shape[3])
+  return lax.slice(xp, (0, i, j, 0), end, (1, sh, sw, 1))
 
 
 def _sum_over_positions(patch, dy):

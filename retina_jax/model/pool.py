@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from retina_jax.model import conv
+
 
 def max_pool(x, window, strides, padding):
   """nn.max_pool over H and W with this module's CPU gradient.
@@ -46,20 +48,18 @@ def max_pool_grad_taps(x, y, dy, window, strides, padding):
     [B, H, W, C], select-and-scatter's gradient bit for bit.
   """
   (kh, kw), (sh, sw) = window, strides
-  b, ho, wo, c = y.shape
+  _, ho, wo, _ = y.shape
   xp = lax.pad(x, jnp.array(-jnp.inf, x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
   taken = jnp.zeros(y.shape, bool)  # [B, H_out, W_out, C]: the window's maximum found at an earlier tap
   parts = []
   for i in range(kh):
     for j in range(kw):
-      end = (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c)
-      tap = lax.slice(xp, (0, i, j, 0), end, (1, sh, sw, 1))  # [B, H_out, W_out, C]: what tap (i, j) saw
-      first = (tap == y) & ~taken
+      first = (conv.window_tap(xp, i, j, (ho, wo), strides) == y) & ~taken
       taken = taken | first
       # Back to the padded input's grid: tap (i, j) of output (oy, ox) is input (oy * s_h + i, ox * s_w + j).
+      high_h, high_w = xp.shape[1] - i - (ho - 1) * sh - 1, xp.shape[2] - j - (wo - 1) * sw - 1
       parts.append(lax.pad(jnp.where(first, dy, 0), jnp.zeros((), dy.dtype),
-                           ((0, 0, 0), (i, xp.shape[1] - end[1], sh - 1), (j, xp.shape[2] - end[2], sw - 1),
-                            (0, 0, 0))))
+                           ((0, 0, 0), (i, high_h, sh - 1), (j, high_w, sw - 1), (0, 0, 0))))
   # Select-and-scatter adds into an input in row-major order of the outputs whose window
   # chose it; a later tap of the window belongs to an earlier output, so: last tap first.
   dxp = functools.reduce(jnp.add, parts[::-1])
