@@ -14,4 +14,12 @@ Conversions happen at the data boundary only (boxes.py). Padded ground truth has
 class -1 and box (0, 0, 0, 0).
 """
 
+import os
+
+# On a CPU with AVX-512 TensorFlow announces its oneDNN graph rewrites on stderr at import, before
+# its log level applies, which would break the command-line tools' one-line errors. The package
+# runs only tf.data on TensorFlow (no TF matmul or convolution, which those rewrites are for), so
+# they are off unless the user says otherwise. Here, so every entry point sets it before TF loads.
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+
 __version__ = "0.1.0"

@@ -20,13 +20,7 @@ bugs and keep their traceback.
 
 import logging as py_logging
 import math
-import os
 import sys
-
-# On a CPU with AVX-512 TensorFlow announces its oneDNN graph rewrites on stderr at import, before
-# its log level applies, which would break the one-line errors below. Only tf.data runs here (no TF
-# matmul or convolution, which those rewrites are for), so they are off unless the user says otherwise.
-os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 from absl import app
 from absl import flags

@@ -31,8 +31,6 @@ import json
 import os
 import sys
 
-os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # as in main.py: no banner on stderr, tf.data only
-
 from absl import app
 from absl import flags
 from absl import logging

@@ -9,8 +9,6 @@ its detections.json loads against pipeline.eval_ground_truth(config).
 
 import os
 
-os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # as in main.py: no oneDNN banner on stderr, tf.data only
-
 from absl import app
 from absl import flags
 import tensorflow as tf
