@@ -9,7 +9,7 @@ products of [P, C_in]^T @ [P, C_out], P = B * H_out * W_out), which runs at the
 speed of the matrix multiply, for the kernels where that measured faster
 (`matmul_is_faster`). How much faster depends on the CPU: on one machine the
 products won 3-4x on every dense 3x3 kernel of R50-FPN, on an AVX-512 AMD EPYC
-they lost 1.3-2x there (XLA's own is within 1.3x of its forward), so for those
+they lost 1.2-1.4x there (XLA's own is within 1.4x of its forward), so for those
 kernels the choice is timed once per process (`dense_products_win_here`). The
 forward pass and the input gradient are XLA's own, unchanged, and every other
 backend keeps XLA's kernel gradient: the choice is made when the step is compiled,
@@ -100,7 +100,7 @@ def matmul_is_faster(kernel_shape, groups):
   256 -> 720) 2-4.5x; a kernel under 64 channels on either side loses up to 5x, its k * k
   products being too thin (the 256 -> 36 box output, the demo's 16-32-wide layers, the 7x7
   stem on 3 channels). The other dense k x k kernels (ResNet's 3x3, the FPN's and the
-  subnets' 256 -> 256) won 1.0-4.5x on one CPU and lost 1.3-2x on another, so for them this
+  subnets' 256 -> 256) won 1.0-4.5x on one CPU and lost 1.2-1.4x on another, so for them this
   CPU's timing decides (`dense_products_win_here`).
 
   Args:
