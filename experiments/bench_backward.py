@@ -4,11 +4,12 @@ r"""Where a CPU train step's time goes: the convolutions' gradients, the network
   python -m experiments.bench_backward --skip-network        # the per-conv table only (a minute)
   taskset -c 0 python -m experiments.bench_backward --skip-network --profile /tmp/prof   # where a step's time goes
 
-Prints, in one run and for both kernel-gradient paths of retina_jax/model/conv.py
-('xla': XLA's own convolution gradient everywhere; 'matmul': the package's CPU path, matrix
-products where conv.matmul_is_faster says so, which for dense 3x3 kernels is this CPU's timing):
+Prints, in one run and for both CPU gradient paths of retina_jax/model/conv.py
+('xla': XLA's own convolution gradients everywhere; 'matmul': the package's CPU path, a matrix
+product for an unpadded 1x1 kernel's input gradient and matrix products for the kernel gradients
+where conv.matmul_is_faster says so, which for dense 3x3 kernels is this CPU's timing):
   1. single convolutions (batch 2, NHWC): forward, gradient wrt the input, gradient
-     wrt the kernel; and the stem's max pool, its gradient by XLA and by
+     wrt the kernel, each by both paths; and the stem's max pool, its gradient by XLA and by
      retina_jax/model/pool.py (which both network rows below use);
   2. R50-FPN RetinaNet, 80 classes, 2 images of 512 x 640 (the paper's model,
      freeze_at 2, frozen BatchNorm), then the demo's model and batch: forward,
@@ -74,18 +75,18 @@ def _median_s(fn, *args, repeats):
 
 
 def _with_path(path, build):
-  """Traces `build()` with the kernel-gradient path `path` ('xla' or 'matmul')."""
-  conv.matmul_kernel_grad_on_cpu = path == 'matmul'
+  """Traces `build()` with the CPU gradient path `path` ('xla' or 'matmul')."""
+  conv.matmul_grads_on_cpu = path == 'matmul'
   try:
     return build()
   finally:
-    conv.matmul_kernel_grad_on_cpu = True
+    conv.matmul_grads_on_cpu = True
 
 
 def conv_table(repeats):
-  print('| conv | forward ms | grad input ms | grad kernel: xla ms | grad kernel: matmul ms | xla / matmul | '
-        'used on CPU |')
-  print('|---|---|---|---|---|---|---|')
+  print('| conv | forward ms | grad input: xla ms | grad input: matmul ms | grad kernel: xla ms | '
+        'grad kernel: matmul ms | xla / matmul | kernel gradient used on CPU |')
+  print('|---|---|---|---|---|---|---|---|')
   for k, cin, cout, hw, stride, groups in CONVS:
     pad = ((k // 2, k // 2),) * 2
     key = jax.random.key(0)
@@ -94,19 +95,22 @@ def conv_table(repeats):
     f = lambda x, w: conv.conv_general_dilated(
         x, w, (stride, stride), pad, dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
     dy = jax.random.normal(key, jax.eval_shape(f, x, kernel).shape)
+    # The package's input gradient is XLA's except for unpadded 1x1 kernels (conv.input_grad_1x1_matmul).
     grad_x = jax.jit(lambda x, w, dy: jax.vjp(lambda x: f(x, w), x)[1](dy)[0])
+    grad_x_xla = _with_path('xla', lambda: jax.jit(
+        lambda x, w, dy: jax.vjp(lambda x: f(x, w), x)[1](dy)[0]).lower(x, kernel, dy).compile())
     grad_w_xla = _with_path('xla', lambda: jax.jit(
         lambda x, w, dy: jax.vjp(lambda w: f(x, w), w)[1](dy)[0]).lower(x, kernel, dy).compile())
     # The formulation itself, whether or not matmul_is_faster picks it for this kernel.
     grad_w_matmul = jax.jit(lambda x, dy: conv.kernel_grad_matmul(
         x, dy, kernel.shape, (stride, stride), pad, groups))
     ms = lambda fn, *a: 1000 * _median_s(fn, *a, repeats=repeats)
-    fwd, gx = ms(jax.jit(f), x, kernel), ms(grad_x, x, kernel, dy)
+    fwd, gx_xla, gx = ms(jax.jit(f), x, kernel), ms(grad_x_xla, x, kernel, dy), ms(grad_x, x, kernel, dy)
     gw_xla, gw_mm = ms(grad_w_xla, x, kernel, dy), ms(grad_w_matmul, x, dy)
     used = 'matmul' if conv.matmul_is_faster(kernel.shape, groups) else 'xla'
     name = f'{k}x{k} {cin}->{cout} at {hw}x{hw}' + (f' /{stride}' if stride > 1 else '') + (
         f' g{groups}' if groups > 1 else '')
-    print(f'| {name} | {fwd:.0f} | {gx:.0f} | {gw_xla:.0f} | {gw_mm:.0f} | {gw_xla / gw_mm:.1f} | {used} |',
+    print(f'| {name} | {fwd:.0f} | {gx_xla:.0f} | {gx:.0f} | {gw_xla:.0f} | {gw_mm:.0f} | {gw_xla / gw_mm:.1f} | {used} |',
           flush=True)
 
 
@@ -252,7 +256,7 @@ def main():
     return
   for title, config in cases:
     print(f'\n{title}, float32 (seconds per call, median of {args.repeats}; x = multiple of the forward)')
-    print('| kernel gradient | forward | forward + backward | full train step |')
+    print('| CPU gradients | forward | forward + backward | full train step |')
     print('|---|---|---|---|')
     for path in ('xla', 'matmul'):
       fwd, bwd, step = network(path, config, args.repeats)

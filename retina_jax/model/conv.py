@@ -10,9 +10,10 @@ speed of the matrix multiply, for the kernels where that measured faster
 (`matmul_is_faster`). How much faster depends on the CPU: on one machine the
 products won 3-4x on every dense 3x3 kernel of R50-FPN, on an AVX-512 AMD EPYC
 they lost 1.2-1.4x there (XLA's own is within 1.4x of its forward), so for those
-kernels the choice is timed once per process (`dense_products_win_here`). The
-forward pass and the input gradient are XLA's own, unchanged, and every other
-backend keeps XLA's kernel gradient: the choice is made when the step is compiled,
+kernels the choice is timed once per process (`dense_products_win_here`). The input
+gradient of an unpadded 1x1 kernel is one matrix product too (`input_grad_1x1_matmul`);
+every other input gradient and the forward pass are XLA's own, unchanged, and every
+other backend keeps XLA's gradients: the choice is made when the step is compiled,
 per platform (`lax.platform_dependent`), so nothing needs configuring.
 experiments/bench_backward.py times both paths side by side.
 
@@ -31,8 +32,8 @@ from jax import lax
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 # Read when a gradient is traced. Only experiments/bench_backward.py turns it off, to time XLA's own
-# CPU kernel gradient beside this one in the same process.
-matmul_kernel_grad_on_cpu = True
+# CPU gradients beside this module's in the same process.
+matmul_grads_on_cpu = True
 
 
 def _lax_conv(x, kernel, strides, padding, groups):
@@ -67,6 +68,34 @@ def kernel_grad_matmul(x, dy, kernel_shape, strides, padding, groups):
   grad = jnp.stack(taps).reshape(kh, kw, groups, cig, co // groups)
   # HWIO of a grouped convolution: output channel g * (C_out / G) + o belongs to group g.
   return grad.transpose(0, 1, 3, 2, 4).reshape(kernel_shape)
+
+
+def input_grad_1x1_matmul(dy, kernel, x_shape, strides):
+  """Input gradient of an unpadded, ungrouped 1x1 convolution as one matrix product.
+
+  Each output pixel took one input pixel (every s-th), so the gradient there is dy @ W^T and
+  zero between. On XLA's CPU backend the product ran 1.1-2.3x faster than XLA's gradient
+  convolution of R50-FPN's 1x1 layers (bench_backward's table), with the same numbers
+  where the stride is 1.
+
+  Args:
+    dy: [B, H_out, W_out, C_out] the gradient of the convolution's output.
+    kernel: [1, 1, C_in, C_out].
+    x_shape: (B, H, W, C_in) of the convolution's input.
+    strides: (s_h, s_w).
+  Returns:
+    [B, H, W, C_in] in dy's dtype.
+  """
+  _, ho, wo, _ = dy.shape
+  (_, h, w, _), (sh, sw) = x_shape, strides
+  matrix = kernel[0, 0].astype(dy.dtype)  # [C_in, C_out]
+  dx = lax.dot_general(dy, matrix, (((3,), (1,)), ((), ())),  # [B, H_out, W_out, C_in]
+                       preferred_element_type=jnp.float32).astype(dy.dtype)
+  if (sh, sw) == (1, 1):
+    return dx
+  # Strided: the products land on rows and columns 0, s, 2s, ... of the input, zeros between and after.
+  return lax.pad(dx, jnp.zeros((), dx.dtype),
+                 ((0, 0, 0), (0, h - (ho - 1) * sh - 1, sh - 1), (0, w - (wo - 1) * sw - 1, sw - 1), (0, 0, 0)))
 
 
 def window_tap(xp, i, j, out_hw, strides):
@@ -166,14 +195,23 @@ def _conv_fwd(x, kernel, strides, padding, groups):
 
 def _conv_bwd(strides, padding, groups, residuals, dy):
   x, kernel = residuals
-  _, vjp_x = jax.vjp(lambda x: _lax_conv(x, kernel, strides, padding, groups), x)
+  input_grad_xla = lambda dy: jax.vjp(
+      lambda x: _lax_conv(x, kernel, strides, padding, groups), x)[1](dy)[0]
   args = (kernel.shape, strides, padding, groups)
-  if not (matmul_kernel_grad_on_cpu and matmul_is_faster(kernel.shape, groups)):
-    return vjp_x(dy)[0], _kernel_grad_xla(x, dy, *args)
+  if not matmul_grads_on_cpu:
+    return input_grad_xla(dy), _kernel_grad_xla(x, dy, *args)
+  if kernel.shape[:2] == (1, 1) and groups == 1 and padding == ((0, 0), (0, 0)):
+    dx = lax.platform_dependent(
+        dy, cpu=lambda dy: input_grad_1x1_matmul(dy, kernel, x.shape, strides).astype(x.dtype),
+        default=input_grad_xla)
+  else:
+    dx = input_grad_xla(dy)
+  if not matmul_is_faster(kernel.shape, groups):
+    return dx, _kernel_grad_xla(x, dy, *args)
   dkernel = lax.platform_dependent(
       x, dy, cpu=lambda x, dy: kernel_grad_matmul(x, dy, *args).astype(kernel.dtype),
       default=lambda x, dy: _kernel_grad_xla(x, dy, *args))
-  return vjp_x(dy)[0], dkernel
+  return dx, dkernel
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
