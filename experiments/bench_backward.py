@@ -4,6 +4,9 @@ r"""Where a CPU train step's time goes: the convolutions' gradients, the network
   python -m experiments.bench_backward --skip-network        # the per-conv table only (a minute)
   taskset -c 0 python -m experiments.bench_backward --skip-network --profile /tmp/prof   # where a step's time goes
 
+Run it as the Makefile runs the package, with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (the
+Makefile says why; without it the R50-FPN step pays ~370k page faults, 10-12% of it on a VM).
+
 Prints, in one run and for both CPU gradient paths of retina_jax/model/conv.py
 ('xla': XLA's own convolution gradients everywhere; 'matmul': the package's CPU path, a matrix
 product for an unpadded 1x1 kernel's input gradient and matrix products for the kernel gradients
@@ -235,7 +238,8 @@ def main():
   device = jax.devices()[0]
   print(f'{jax.device_count()} x {device.platform} ({device.device_kind}), jax {jax.__version__}; '
         f'dense 3x3 kernel gradients on this CPU: '
-        f'{"matrix products" if conv.dense_products_win_here() else "XLA"} (conv.dense_products_win_here)')
+        f'{"matrix products" if conv.dense_products_win_here() else "XLA"} (conv.dense_products_win_here); '
+        f'GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "")!r} (the Makefile says why)')
   conv_table(args.repeats)
   pool_table(args.repeats)
   r50 = base.get_config()

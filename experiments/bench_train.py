@@ -21,6 +21,7 @@ off CPU.
 """
 
 import argparse
+import os
 import time
 
 import jax
@@ -164,7 +165,8 @@ def main():
   canvases = [tuple(int(v) for v in c.split('x')) for c in args.canvas.split(',') if c] or [None]
   device = jax.devices()[0]
   print(f'devices: {jax.device_count()} x {device.platform} ({device.device_kind}); convolution: '
-        f'{"lax" if args.xla_conv else "retina_jax/model/conv.py"}')
+        f'{"lax" if args.xla_conv else "retina_jax/model/conv.py"}; '
+        f'GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "")!r} (the Makefile says why)')
   print('| case | canvas | dtype | batch | compile s | step s | images/s | peak GiB |'
         + (' predict compile s | predict ms / image |' if args.predict else ''))
   print('|---|---|---|---|---|---|---|---|' + ('---|---|' if args.predict else ''))

@@ -22,8 +22,4 @@ import os
 # they are off unless the user says otherwise. Here, so every entry point sets it before TF loads.
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
-# Before JAX starts its CPU runtime: host_memory.py says why.
-from retina_jax import host_memory  # pylint: disable=g-import-not-at-top
-host_memory.keep_freed_memory()
-
 __version__ = "0.1.0"
