@@ -74,7 +74,7 @@ def input_grad_1x1_matmul(dy, kernel, x_shape, strides):
   """Input gradient of an unpadded, ungrouped 1x1 convolution as one matrix product.
 
   Each output pixel took one input pixel (every s-th), so the gradient there is dy @ W^T and
-  zero between. On XLA's CPU backend the product ran 1.1-2.3x faster than XLA's gradient
+  zero between. On XLA's CPU backend the product ran 1.1-2.1x faster than XLA's gradient
   convolution of R50-FPN's 1x1 layers (bench_backward's table), with the same numbers
   where the stride is 1.
 
