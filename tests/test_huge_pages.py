@@ -1,7 +1,7 @@
 """The make targets run with glibc's malloc on huge pages, and that takes a repeated call's page faults away."""
 
-import ctypes
 import os
+import platform
 import subprocess
 import sys
 
@@ -19,12 +19,8 @@ def _thp_mode():
 
 
 def _glibc_version():
-  try:
-    get = ctypes.CDLL(None).gnu_get_libc_version
-  except (OSError, AttributeError):
-    return (0, 0)
-  get.restype = ctypes.c_char_p
-  return tuple(int(n) for n in get().decode().split('.')[:2])
+  libc, version = platform.libc_ver()
+  return tuple(int(n) for n in version.split('.')[:2]) if libc == 'glibc' else (0, 0)
 
 
 # A jitted call with ~200 MB of temporaries (x * 2, its sort, the strided slice), run four times in a
