@@ -25,7 +25,7 @@ where conv.matmul_is_faster says so, which for dense 3x3 kernels is this CPU's t
 Times are medians of --repeats calls after one warm-up call; compile time apart. Each
 program's calls run back to back, as training runs its step: on the project's VMs memory that
 stays free for a second or two goes back to the host (virtio-balloon free page reporting), and
-touching it again costs a fault on the host. Timed alternately with the forward, the R50-FPN step
+touching it again costs a fault on the host. Timed alternately with the forward (a scratch run), the R50-FPN step
 took 6.3-6.7 s instead of 5.4-5.7, with 1.8-2.5 s of kernel time per pair instead of 0.3-0.45 s per step.
 --profile DIR also traces one train step of each model (jax.profiler, into DIR) and prints
 its time by XLA operation (fusions named by their kind: `ynn_fusion` the forward and
