@@ -10,9 +10,11 @@ Makefile says why; without it the R50-FPN step pays ~370k page faults, 10-12% of
 Prints, in one run and for both CPU gradient paths of retina_jax/model/conv.py
 ('xla': XLA's own convolution gradients everywhere; 'matmul': the package's CPU path, a matrix
 product for an unpadded 1x1 kernel's input gradient and matrix products for the kernel gradients
-where conv.matmul_is_faster says so, which for dense 3x3 kernels is this CPU's timing):
-  1. single convolutions (batch 2, NHWC): forward, gradient wrt the input, gradient
-     wrt the kernel, each by both paths; and the stem's max pool, its gradient by XLA and by
+where conv.matmul_is_faster says so, which for dense 3x3 kernels is this CPU's timing, and XLA's
+kernel gradient on bands of output rows elsewhere when the map is large, conv.kernel_grad_row_bands):
+  1. single convolutions (batch 2, NHWC): forward, gradient wrt the input by both paths,
+     gradient wrt the kernel by XLA in one piece, in row bands and by products; and the
+     stem's max pool, its gradient by XLA and by
      retina_jax/model/pool.py (which both network rows below use);
   2. R50-FPN RetinaNet, 80 classes, 2 images of 512 x 640 (the paper's model,
      freeze_at 2, frozen BatchNorm), then the demo's model and batch: forward,
@@ -92,8 +94,8 @@ def _with_path(path, build):
 
 def conv_table(repeats):
   print('| conv | forward ms | grad input: xla ms | grad input: matmul ms | grad kernel: xla ms | '
-        'grad kernel: matmul ms | xla / matmul | kernel gradient used on CPU |')
-  print('|---|---|---|---|---|---|---|---|')
+        'grad kernel: xla in row bands ms | grad kernel: matmul ms | xla / matmul | kernel gradient used on CPU |')
+  print('|---|---|---|---|---|---|---|---|---|')
   for k, cin, cout, hw, stride, groups in CONVS:
     pad = ((k // 2, k // 2),) * 2
     key = jax.random.key(0)
@@ -111,14 +113,18 @@ def conv_table(repeats):
     # The formulation itself, whether or not matmul_is_faster picks it for this kernel.
     grad_w_matmul = jax.jit(lambda x, dy: conv.kernel_grad_matmul(
         x, dy, kernel.shape, (stride, stride), pad, groups))
+    grad_w_bands = jax.jit(lambda x, dy: conv.kernel_grad_row_bands(
+        x, dy, kernel.shape, (stride, stride), pad, groups))
     ms = lambda fn, *a: 1000 * _median_s(fn, *a, repeats=repeats)
     fwd, gx_xla, gx = ms(jax.jit(f), x, kernel), ms(grad_x_xla, x, kernel, dy), ms(grad_x, x, kernel, dy)
-    gw_xla, gw_mm = ms(grad_w_xla, x, kernel, dy), ms(grad_w_matmul, x, dy)
-    used = 'matmul' if conv.matmul_is_faster(kernel.shape, groups) else 'xla'
+    gw_xla, gw_bands, gw_mm = ms(grad_w_xla, x, kernel, dy), ms(grad_w_bands, x, dy), ms(grad_w_matmul, x, dy)
+    rows, out_h = conv.row_band(dy.shape[0], dy.shape[1:3]), dy.shape[1]
+    used = ('matmul' if conv.matmul_is_faster(kernel.shape, groups)
+            else f'xla in {-(-out_h // rows)} bands' if rows < out_h else 'xla')
     name = f'{k}x{k} {cin}->{cout} at {hw}x{hw}' + (f' /{stride}' if stride > 1 else '') + (
         f' g{groups}' if groups > 1 else '')
-    print(f'| {name} | {fwd:.0f} | {gx_xla:.0f} | {gx:.0f} | {gw_xla:.0f} | {gw_mm:.0f} | {gw_xla / gw_mm:.1f} | {used} |',
-          flush=True)
+    print(f'| {name} | {fwd:.0f} | {gx_xla:.0f} | {gx:.0f} | {gw_xla:.0f} | {gw_bands:.0f} | {gw_mm:.0f} | '
+          f'{gw_xla / gw_mm:.1f} | {used} |', flush=True)
 
 
 def pool_table(repeats):

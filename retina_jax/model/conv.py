@@ -10,7 +10,9 @@ speed of the matrix multiply, for the kernels where that measured faster
 (`matmul_is_faster`). How much faster depends on the CPU: on one machine the
 products won 3-4x on every dense 3x3 kernel of R50-FPN, on an AVX-512 AMD EPYC
 they lost 1.2-1.4x there (XLA's own is within 1.4x of its forward), so for those
-kernels the choice is timed once per process (`dense_products_win_here`). The input
+kernels the choice is timed once per process (`dense_products_win_here`). Where XLA's
+own kernel gradient is kept on CPU, it runs on bands of output rows, summed
+(`kernel_grad_row_bands`): it slows down faster than the map grows. The input
 gradient of an unpadded 1x1 kernel is one matrix product too (`input_grad_1x1_matmul`);
 every other input gradient and the forward pass are XLA's own, unchanged, and every
 other backend keeps XLA's gradients: the choice is made when the step is compiled,
@@ -34,6 +36,15 @@ _NHWC = ('NHWC', 'HWIO', 'NHWC')
 # Read when a gradient is traced. Only experiments/bench_backward.py turns it off, to time XLA's own
 # CPU gradients beside this module's in the same process.
 matmul_grads_on_cpu = True
+
+# XLA's CPU kernel gradient of a 3x3 kernel took 1.5x its forward on R50-FPN's P3 (2 x 64 x 80 x 256)
+# and 3x on an 800-pixel image's P3 (2 x 100 x 168), but ~1.15x on maps of 1-3k positions
+# (B * H_out * W_out), so larger maps are cut into bands of rows of about this many positions:
+# 256->256 at 2 x 64 x 80 took 95 -> 72 ms, at 2 x 100 x 168 755 -> 254 ms, 128->128 at 2 x 64 x 80
+# 26 -> 20 ms (AVX-512 EPYC, 2 cores). Bands of 640-2700 positions all came within 10% of the best;
+# under ~300 each call's overhead lost. MAX_ROW_BANDS bounds the program's size on large images.
+ROW_BAND_POSITIONS = 1280
+MAX_ROW_BANDS = 16
 
 
 def _lax_conv(x, kernel, strides, padding, groups):
@@ -68,6 +79,44 @@ def kernel_grad_matmul(x, dy, kernel_shape, strides, padding, groups):
   grad = jnp.stack(taps).reshape(kh, kw, groups, cig, co // groups)
   # HWIO of a grouped convolution: output channel g * (C_out / G) + o belongs to group g.
   return grad.transpose(0, 1, 3, 2, 4).reshape(kernel_shape)
+
+
+def row_band(batch, out_hw):
+  """Output rows per band for `kernel_grad_row_bands`: all of them when the map is at most two bands."""
+  (ho, wo) = out_hw
+  if batch * ho * wo <= 2 * ROW_BAND_POSITIONS:
+    return ho
+  return max(ROW_BAND_POSITIONS // (batch * wo), -(-ho // MAX_ROW_BANDS), 1)
+
+
+def kernel_grad_row_bands(x, dy, kernel_shape, strides, padding, groups):
+  """XLA's kernel gradient summed over bands of output rows (`row_band` rows each).
+
+  Band [r0, r1) of the output reads input rows [r0 * s_h - lo_h, (r1 - 1) * s_h + k_h - lo_h);
+  the part of that range outside the input is the band's own zero padding, so each band is
+  XLA's gradient of a smaller convolution and the bands' sum is the whole gradient, rounded
+  in another order.
+
+  Args: as `kernel_grad_matmul`.
+  Returns:
+    [k_h, k_w, C_in / groups, C_out] in dy's dtype, as XLA's.
+  """
+  kh, h = kernel_shape[0], x.shape[1]
+  b, ho, wo, _ = dy.shape
+  sh = strides[0]
+  (lo_h, _), padding_w = padding
+  rows = row_band(b, (ho, wo))
+  grad = None
+  for r0 in range(0, ho, rows):
+    r1 = min(r0 + rows, ho)
+    top, bottom = r0 * sh - lo_h, (r1 - 1) * sh + kh - lo_h
+    first, end = max(top, 0), min(bottom, h)
+    if end <= first:  # the band sees only padding: no gradient
+      continue
+    band = _kernel_grad_xla(x[:, first:end], dy[:, r0:r1], kernel_shape, strides,
+                            ((first - top, bottom - end), padding_w), groups).astype(jnp.float32)
+    grad = band if grad is None else grad + band  # summed in float32 for a bfloat16 network
+  return jnp.zeros(kernel_shape, dy.dtype) if grad is None else grad.astype(dy.dtype)
 
 
 def input_grad_1x1_matmul(dy, kernel, x_shape, strides):
@@ -148,9 +197,10 @@ def matmul_is_faster(kernel_shape, groups):
 def dense_products_win_here():
   """Whether, on this process's CPU, the tap products clearly beat XLA's dense 3x3 kernel gradient.
 
-  Times both (best of 3 after a warm-up, under a second, once per process) on a 3x3
-  64 -> 64 kernel at 4 x 64 x 64. At 2 x 128 x 128 XLA's took 320 ms against the products'
-  90 on one CPU, 26 against 56 on another. Called while a train step is traced, so it runs
+  Times both (best of 3 after a warm-up, about a second, once per process) on a 3x3
+  64 -> 64 kernel at 4 x 64 x 64, XLA's as the CPU branch runs it (`kernel_grad_row_bands`).
+  At 2 x 128 x 128 XLA's (in one piece) took 320 ms against the products' 90 on one CPU,
+  26 against 56 on another. Called while a train step is traced, so it runs
   compiled executables directly. The products must win by 25%, so a CPU where both are
   close keeps XLA's own and the choice does not flip from run to run. Nothing is timed on
   an accelerator (the CPU branch is never used there) nor in a run of several processes,
@@ -165,7 +215,7 @@ def dense_products_win_here():
   dy = rng.normal(size=(4, 64, 64, 64)).astype(np.float32)
   args = ((3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)), 1)
   seconds = []
-  for fn in (_kernel_grad_xla, kernel_grad_matmul):
+  for fn in (kernel_grad_row_bands, kernel_grad_matmul):
     compiled = jax.jit(lambda x, dy, fn=fn: fn(x, dy, *args)).lower(x, dy).compile()
     jax.block_until_ready(compiled(x, dy))
     runs = []
@@ -207,7 +257,11 @@ def _conv_bwd(strides, padding, groups, residuals, dy):
   else:
     dx = input_grad_xla(dy)
   if not matmul_is_faster(kernel.shape, groups):
-    return dx, _kernel_grad_xla(x, dy, *args)
+    if row_band(dy.shape[0], dy.shape[1:3]) == dy.shape[1]:  # one band: XLA's own everywhere
+      return dx, _kernel_grad_xla(x, dy, *args)
+    return dx, lax.platform_dependent(
+        x, dy, cpu=lambda x, dy: kernel_grad_row_bands(x, dy, *args),
+        default=lambda x, dy: _kernel_grad_xla(x, dy, *args))
   dkernel = lax.platform_dependent(
       x, dy, cpu=lambda x, dy: kernel_grad_matmul(x, dy, *args).astype(kernel.dtype),
       default=lambda x, dy: _kernel_grad_xla(x, dy, *args))
