@@ -118,7 +118,7 @@ def conv_table(repeats):
     ms = lambda fn, *a: 1000 * _median_s(fn, *a, repeats=repeats)
     fwd, gx_xla, gx = ms(jax.jit(f), x, kernel), ms(grad_x_xla, x, kernel, dy), ms(grad_x, x, kernel, dy)
     gw_xla, gw_bands, gw_mm = ms(grad_w_xla, x, kernel, dy), ms(grad_w_bands, x, dy), ms(grad_w_matmul, x, dy)
-    rows, out_h = conv.row_band(dy.shape[0], dy.shape[1:3]), dy.shape[1]
+    rows, out_h = conv.row_band(kernel.shape, dy.shape[0], dy.shape[1:3]), dy.shape[1]
     used = ('matmul' if conv.matmul_is_faster(kernel.shape, groups)
             else f'xla in {-(-out_h // rows)} bands' if rows < out_h else 'xla')
     name = f'{k}x{k} {cin}->{cout} at {hw}x{hw}' + (f' /{stride}' if stride > 1 else '') + (

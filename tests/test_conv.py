@@ -157,10 +157,11 @@ def test_dense_kernels_follow_this_cpus_timing(monkeypatch):
     (3, 8, 12, 9, 7, 1, 1, ((4, 5), (1, 1)))])  # bands that see only padding
 def test_kernel_gradient_in_row_bands_equals_xla(monkeypatch, k, cin, cout, h, w, stride, groups, padding):
   monkeypatch.setattr(conv, 'ROW_BAND_POSITIONS', 8)  # bands of one or two rows on these small maps
+  monkeypatch.setattr(conv, 'ROW_BAND_MIN_CHANNELS', 1)
   x, kernel = _inputs(k, cin, cout, h, w, groups)
   y, vjp = jax.vjp(lambda kernel: lax.conv_general_dilated(
       x, kernel, (stride, stride), padding, dimension_numbers=_NHWC, feature_group_count=groups), kernel)
-  assert conv.row_band(y.shape[0], y.shape[1:3]) < y.shape[1]
+  assert conv.row_band(kernel.shape, y.shape[0], y.shape[1:3]) < y.shape[1]
   dy = jnp.asarray(np.random.default_rng(1).normal(size=y.shape), jnp.float32)
   expected = vjp(dy)[0]
   got = jax.jit(lambda x, dy: conv.kernel_grad_row_bands(
@@ -171,8 +172,9 @@ def test_kernel_gradient_in_row_bands_equals_xla(monkeypatch, k, cin, cout, h, w
 
 def test_bfloat16_kernel_gradient_in_row_bands(monkeypatch):
   monkeypatch.setattr(conv, 'ROW_BAND_POSITIONS', 8)
+  monkeypatch.setattr(conv, 'ROW_BAND_MIN_CHANNELS', 1)
   x, kernel = _inputs(3, 16, 16, 8, 8, 1, jnp.bfloat16)  # narrow: XLA's gradient, in bands of one row
-  assert not conv.matmul_is_faster(kernel.shape, 1) and conv.row_band(2, (8, 8)) == 1
+  assert not conv.matmul_is_faster(kernel.shape, 1) and conv.row_band(kernel.shape, 2, (8, 8)) == 1
   dx, dkernel = _grads(conv.conv_general_dilated, x, kernel, 1, 1, ((1, 1), (1, 1)))
   _, dkernel_xla = _grads(lax.conv_general_dilated, x, kernel, 1, 1, ((1, 1), (1, 1)))
   assert dkernel.dtype == jnp.bfloat16 and dx.dtype == jnp.bfloat16
@@ -182,14 +184,17 @@ def test_bfloat16_kernel_gradient_in_row_bands(monkeypatch):
 
 
 def test_row_bands_of_about_the_set_size():
-  assert conv.row_band(2, (32, 40)) == 32  # 2560 positions: two bands' worth stays whole
-  assert conv.row_band(2, (64, 80)) == 8  # R50-FPN's P3 at 512 x 640: 8 bands of 1280
-  assert conv.row_band(2, (100, 168)) == 7  # at 800 x 1333: capped at 16 bands
-  assert conv.row_band(16, (32, 200)) == 2  # a row wider than a band: at most 16 bands still
+  dense = (3, 3, 256, 256)
+  assert conv.row_band(dense, 2, (32, 40)) == 32  # 2560 positions: two bands' worth stays whole
+  assert conv.row_band(dense, 2, (64, 80)) == 8  # R50-FPN's P3 at 512 x 640: 8 bands of 1280
+  assert conv.row_band(dense, 2, (100, 168)) == 7  # at 800 x 1333: capped at 16 bands
+  assert conv.row_band(dense, 16, (32, 200)) == 2  # a row wider than a band: at most 16 bands still
+  assert conv.row_band((3, 3, 64, 64), 2, (64, 80)) == 64  # narrow: one piece (the demo's layers)
 
 
 def test_large_map_kernel_gradient_in_bands_only_on_cpu(monkeypatch):
   monkeypatch.setattr(conv, 'ROW_BAND_POSITIONS', 16)  # 2 x 8 x 8 outputs: bands of one row
+  monkeypatch.setattr(conv, 'ROW_BAND_MIN_CHANNELS', 16)
   cpu = _lowered_grad('cpu', (3, 3, 16, 16))  # narrow: XLA's gradient on CPU too
   assert cpu.count('stablehlo.convolution') == 8 and 'stablehlo.dot_general' not in cpu
   for platform in ('cuda', 'rocm', 'tpu'):

@@ -45,6 +45,8 @@ matmul_grads_on_cpu = True
 # under ~300 each call's overhead lost. MAX_ROW_BANDS bounds the program's size on large images.
 ROW_BAND_POSITIONS = 1280
 MAX_ROW_BANDS = 16
+# 64 -> 64 at 2 x 128 x 128 gained nothing (27 -> 26 ms); the demo's narrow layers keep one piece.
+ROW_BAND_MIN_CHANNELS = 128
 
 
 def _lax_conv(x, kernel, strides, padding, groups):
@@ -81,10 +83,11 @@ def kernel_grad_matmul(x, dy, kernel_shape, strides, padding, groups):
   return grad.transpose(0, 1, 3, 2, 4).reshape(kernel_shape)
 
 
-def row_band(batch, out_hw):
-  """Output rows per band for `kernel_grad_row_bands`: all of them when the map is at most two bands."""
-  (ho, wo) = out_hw
-  if batch * ho * wo <= 2 * ROW_BAND_POSITIONS:
+def row_band(kernel_shape, batch, out_hw):
+  """Output rows per band for `kernel_grad_row_bands`: all of them for a map of at most two bands
+  or a kernel under ROW_BAND_MIN_CHANNELS on either side."""
+  (ho, wo), (_, _, cig, co) = out_hw, kernel_shape
+  if batch * ho * wo <= 2 * ROW_BAND_POSITIONS or min(cig, co) < ROW_BAND_MIN_CHANNELS:
     return ho
   return max(ROW_BAND_POSITIONS // (batch * wo), -(-ho // MAX_ROW_BANDS), 1)
 
@@ -105,7 +108,7 @@ def kernel_grad_row_bands(x, dy, kernel_shape, strides, padding, groups):
   b, ho, wo, _ = dy.shape
   sh = strides[0]
   (lo_h, _), padding_w = padding
-  rows = row_band(b, (ho, wo))
+  rows = row_band(kernel_shape, b, (ho, wo))
   grad = None
   for r0 in range(0, ho, rows):
     r1 = min(r0 + rows, ho)
@@ -257,7 +260,7 @@ def _conv_bwd(strides, padding, groups, residuals, dy):
   else:
     dx = input_grad_xla(dy)
   if not matmul_is_faster(kernel.shape, groups):
-    if row_band(dy.shape[0], dy.shape[1:3]) == dy.shape[1]:  # one band: XLA's own everywhere
+    if row_band(kernel.shape, dy.shape[0], dy.shape[1:3]) == dy.shape[1]:  # one band: XLA's own everywhere
       return dx, _kernel_grad_xla(x, dy, *args)
     return dx, lax.platform_dependent(
         x, dy, cpu=lambda x, dy: kernel_grad_row_bands(x, dy, *args),
