@@ -260,8 +260,6 @@ def _conv_bwd(strides, padding, groups, residuals, dy):
   else:
     dx = input_grad_xla(dy)
   if not matmul_is_faster(kernel.shape, groups):
-    if row_band(kernel.shape, dy.shape[0], dy.shape[1:3]) == dy.shape[1]:  # one band: XLA's own everywhere
-      return dx, _kernel_grad_xla(x, dy, *args)
     return dx, lax.platform_dependent(
         x, dy, cpu=lambda x, dy: kernel_grad_row_bands(x, dy, *args),
         default=lambda x, dy: _kernel_grad_xla(x, dy, *args))
